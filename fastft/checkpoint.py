@@ -1,0 +1,141 @@
+"""Atomic, exactly-resumable checkpoints.
+
+Written to a temp file in the same folder, fsynced, then renamed over the target: a process killed while
+writing leaves the previous checkpoint untouched. Loaded with `weights_only=True` (no arbitrary pickles).
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "fastft-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
+
+# Keys that may change between the run that wrote a checkpoint and the one resuming it: they change
+# where output goes or how often things are logged, not the computation.
+RESUME_FREE_KEYS = {
+    "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
+    "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "knn.every",
+    "knn.pixels", "data.cache_dir",
+}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path) -> dict:
+    """A fastft checkpoint, or CheckpointError saying why `path` is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
+                              f"or not a torch file") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fastft checkpoint (no 'format: {FORMAT}' marker)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} is a fastft checkpoint of version {ckpt.get('version')}; "
+                              f"this fastft reads version {VERSION}")
+    return ckpt
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoints in `out_dir`, newest first."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_good(out_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; unreadable ones (e.g. truncated by a copy) are skipped with a warning."""
+    for path in list_checkpoints(out_dir):
+        try:
+            return path, load(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}")
+    return None
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    for old in list_checkpoints(out_dir)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
+    """Refuse a checkpoint whose run was configured differently (apart from RESUME_FREE_KEYS)."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = [k for k in sorted(set(a) | set(b)) if k not in RESUME_FREE_KEYS and a.get(k, "<missing>") != b.get(k, "<missing>")]
+    if diffs:
+        shown = "; ".join(f"{k}: checkpoint {a.get(k, '<missing>')!r} vs config {b.get(k, '<missing>')!r}"
+                          for k in diffs[:6])
+        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise CheckpointError(f"checkpoint {path} was written by a run with another config: {shown}{more}. "
+                              f"Use the same config, another run.out_dir, or run.resume=none to start afresh.")
+
+
+def rng_state() -> dict:
+    """Every RNG the run draws from, in types `weights_only` loading accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))

@@ -1,0 +1,74 @@
+"""Feature Transformation (Zhu et al., ICCV 2021), exactly as the authors' code does it.
+
+Positive extrapolation (harder positives), lam_p = 1 + Beta(a_p, a_p) in [1, 2]:
+    q_hat = lam_p * q + (1 - lam_p) * k
+    k_hat = lam_p * k + (1 - lam_p) * q        # the ORIGINAL q: gradient reaches q through k_hat too
+Negative interpolation (more diverse negatives), lam_n = Beta(a_n, a_n) in [0, 1], perm = randperm(K):
+    neg = lam_n * queue + (1 - lam_n) * queue[perm]   # for this step's logits only (see kernels.reference)
+
+By default one scalar lambda each per step per process, no re-normalisation after mixing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import FTConfig
+
+
+@dataclass
+class FTDraw:
+    """This step's random draws; None where that half of FT is off."""
+    lam_p: float | torch.Tensor | None = None
+    lam_n: float | torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+
+def sample_lambda(dist: str, alpha: float, shape: tuple[int, ...], device: torch.device) -> float | torch.Tensor:
+    """Beta(alpha, alpha) or U(0, 1). A scalar is drawn on the CPU and returned as a float: no device sync."""
+    where = torch.device("cpu") if not shape else device
+    if dist == "beta":
+        a = torch.tensor(float(alpha), device=where)
+        lam = torch.distributions.Beta(a, a).sample(shape)
+    else:
+        lam = torch.rand(shape, device=where)
+    return lam.item() if not shape else lam
+
+
+def transform_positives(q: torch.Tensor, k: torch.Tensor, lam_p: float | torch.Tensor,
+                        renorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    q_hat = lam_p * q + (1 - lam_p) * k
+    k_hat = lam_p * k + (1 - lam_p) * q
+    if renorm:
+        q_hat, k_hat = F.normalize(q_hat, dim=1), F.normalize(k_hat, dim=1)
+    return q_hat, k_hat
+
+
+class FeatureTransform:
+    def __init__(self, cfg: FTConfig):
+        self.cfg = cfg
+
+    def enabled(self, epoch: int) -> bool:
+        return (self.cfg.pos != "none" or self.cfg.neg != "none") and epoch >= self.cfg.start_epoch
+
+    def draw(self, n: int, queue: torch.Tensor, epoch: int) -> FTDraw:
+        """Lambdas and permutation for one step (nothing drawn before `start_epoch` or when FT is off)."""
+        out = FTDraw()
+        if not self.enabled(epoch):
+            return out
+        c, kq = queue.shape[1], queue.shape[0]
+        elementwise = self.cfg.dim_mask == "elementwise"
+        if self.cfg.pos != "none":
+            lam = sample_lambda(self.cfg.dist, self.cfg.alpha_pos, (n, c) if elementwise else (), queue.device)
+            out.lam_p = 1 + lam if self.cfg.pos == "extrapolate" else lam
+        if self.cfg.neg != "none":
+            out.lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device)
+            out.perm = torch.randperm(kq, device=queue.device)
+        return out
+
+    def positives(self, q: torch.Tensor, k: torch.Tensor, draw: FTDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        if draw.lam_p is None:
+            return q, k
+        return transform_positives(q, k, draw.lam_p, self.cfg.postmix_norm)

@@ -1,0 +1,92 @@
+"""The MoCo augmentation recipes as data, so every loader backend reads the same spec and none can drift.
+
+MoCo v1 ("A"): RandomResizedCrop(scale 0.2-1), RandomGrayscale 0.2, ColorJitter(0.4, 0.4, 0.4, 0.4), flip.
+MoCo v2 ("B", aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
+RandomGrayscale 0.2, GaussianBlur sigma 0.1-2 p 0.5, flip. The order of the steps is the order applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # random_resized_crop | color_jitter | grayscale | gaussian_blur | horizontal_flip
+    p: float = 1.0  # probability the step is applied
+    params: dict = field(default_factory=dict)
+
+
+CROP = Step("random_resized_crop", params={"scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3)})
+FLIP = Step("horizontal_flip", p=0.5)
+GRAY = Step("grayscale", p=0.2)
+
+AUG_SPECS: dict[str, tuple[Step, ...]] = {
+    "mocov1": (
+        CROP,
+        GRAY,
+        Step("color_jitter", params={"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.4}),
+        FLIP,
+    ),
+    "mocov2": (
+        CROP,
+        Step("color_jitter", p=0.8, params={"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}),
+        GRAY,
+        Step("gaussian_blur", p=0.5, params={"sigma": (0.1, 2.0)}),
+        FLIP,
+    ),
+}
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """About 10% of the image side, odd, at least 3 (23 at 224, the usual choice)."""
+    k = int(0.1 * image_size)
+    return max(3, k + (k % 2 == 0))
+
+
+def _torchvision_step(step: Step, image_size: int) -> torch.nn.Module:
+    p = step.params
+    if step.name == "random_resized_crop":
+        return T.RandomResizedCrop(image_size, scale=p["scale"], ratio=p["ratio"])
+    if step.name == "horizontal_flip":
+        return T.RandomHorizontalFlip(step.p)
+    if step.name == "grayscale":
+        return T.RandomGrayscale(step.p)
+    if step.name == "color_jitter":
+        t = T.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
+    elif step.name == "gaussian_blur":
+        t = T.GaussianBlur(blur_kernel_size(image_size), sigma=p["sigma"])
+    else:
+        raise ValueError(f"unknown augmentation step {step.name!r}")
+    return t if step.p >= 1.0 else T.RandomApply([t], p=step.p)
+
+
+def torchvision_train_transform(aug: str, image_size: int) -> T.Compose:
+    """The reference semantics: torchvision transforms on PIL images, then ToTensor + ImageNet normalisation."""
+    steps = [_torchvision_step(s, image_size) for s in AUG_SPECS[aug]]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def torchvision_eval_transform(image_size: int, crop_ratio: float = 0.875) -> T.Compose:
+    """Resize(size / ratio) then CenterCrop(size): 256 -> 224 at the default ratio."""
+    return T.Compose([
+        T.Resize(round(image_size / crop_ratio)),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class TwoViews:
+    """Two independently augmented views of one image."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img):
+        return self.transform(img), self.transform(img)

@@ -1,0 +1,108 @@
+import pytest
+
+from fastft.config import Config, ConfigError, load_config
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  arch: resnet18\n  momentum: 0.99\noptim:\n  lr: 1\n"))
+    assert cfg.model.arch == "resnet18" and cfg.model.momentum == 0.99
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0  # int promoted where a float is due
+    assert cfg.ft.alpha_pos == 2.0 and cfg.ft.alpha_neg == 1.6 and cfg.ft.dim_mask == "none"
+    assert cfg.ft.postmix_norm is False
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  epochs: 5\n"),
+                      ["optim.epochs=7", "ft.pos=none", "run.compile=true", "data.class_list=null"])
+    assert cfg.optim.epochs == 7 and cfg.ft.pos == "none" and cfg.run.compile is True and cfg.data.class_list is None
+
+
+def test_unknown_key_names_key_file_and_closest(tmp_path):
+    p = write(tmp_path, "model:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "model.momentun" in msg and str(p) in msg and "model.momentum" in msg
+
+
+def test_unknown_section_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim"):
+        load_config(write(tmp_path, "optimizer:\n  lr: 0.1\n"))
+
+
+def test_unknown_override_key_names_the_override(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, ""), ["optim.epoch=3"])
+    assert "optim.epoch=3" in str(e.value) and "optim.epochs" in str(e.value)
+
+
+def test_wrong_type_names_value_and_range(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "model:\n  momentum: fast\n"))
+    msg = str(e.value)
+    assert "model.momentum" in msg and "'fast'" in msg and "[0.0, 1.0]" in msg
+
+
+def test_int_field_rejects_float(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.epochs = 2.5 is not an integer; expected an integer in \[1, inf\)"):
+        load_config(write(tmp_path, "optim:\n  epochs: 2.5\n"))
+
+
+def test_out_of_range_names_value_and_range(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.momentum = 1.5 is out of range; valid range is \[0.0, 1.0\]"):
+        load_config(write(tmp_path, ""), ["model.momentum=1.5"])
+    with pytest.raises(ConfigError, match=r"model.temperature = 0.0 is out of range; valid range is \(0.0, inf\)"):
+        load_config(write(tmp_path, "model:\n  temperature: 0\n"))
+
+
+def test_bad_choice_lists_valid_and_closest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "ft:\n  pos: extrapolat\n"))
+    msg = str(e.value)
+    assert "'extrapolat'" in msg and "'none', 'extrapolate', 'interpolate'" in msg and "did you mean 'extrapolate'" in msg
+
+
+def test_bool_is_not_an_int(tmp_path):
+    with pytest.raises(ConfigError, match="loader.workers = True is not an integer"):
+        load_config(write(tmp_path, "loader:\n  workers: true\n"))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        load_config(write(tmp_path, "model: 3\n"))
+
+
+def test_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(write(tmp_path, ""), ["optim.epochs"])
+
+
+@pytest.mark.parametrize("name", ["demo", "in100", "in1k", "ablations/mocov2", "ablations/pos", "ablations/neg",
+                                  "ablations/both"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+
+
+def test_shipped_configs_match_the_paper():
+    from pathlib import Path
+    root = Path(__file__).parent.parent / "configs"
+    in1k, in100 = load_config(root / "in1k.yaml"), load_config(root / "in100.yaml")
+    assert (in1k.model.arch, in1k.model.head, in1k.model.temperature, in1k.optim.epochs) == ("resnet50", "mlp", 0.2, 200)
+    assert (in1k.ft.pos, in1k.ft.neg) == ("extrapolate", "interpolate")
+    assert (in100.model.head, in100.model.temperature, in100.model.momentum) == ("linear", 0.07, 0.99)
+    assert len([c for c in (root / "imagenet100.txt").read_text().split() if c]) == 100
+    variants = {n: load_config(root / "ablations" / f"{n}.yaml").ft for n in ("mocov2", "pos", "neg", "both")}
+    assert [(v.pos, v.neg) for v in variants.values()] == [
+        ("none", "none"), ("extrapolate", "none"), ("none", "interpolate"), ("extrapolate", "interpolate")]

@@ -1,0 +1,173 @@
+"""Feature Transformation against a direct hand computation of the DESIGN.md formulas."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.config import FTConfig, ModelConfig
+from fastft.feature_transform import FeatureTransform, transform_positives
+from fastft.kernels import info_nce_loss, moco_logits
+from fastft.moco import MoCo
+
+
+def unit(*shape, gen):
+    return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+
+def hand_logits(q, k, queue, T, lam_p, lam_n, perm):
+    """Row by row, element by element, in numpy float64: no code shared with the implementation."""
+    q, k, queue = q.numpy(), k.numpy(), queue.numpy()
+    n, kq = q.shape[0], queue.shape[0]
+    out = np.zeros((n, 1 + kq))
+    for i in range(n):
+        q_hat = lam_p * q[i] + (1 - lam_p) * k[i]
+        k_hat = lam_p * k[i] + (1 - lam_p) * q[i]  # the original q
+        out[i, 0] = sum(a * b for a, b in zip(q_hat, k_hat)) / T
+        for j in range(kq):
+            neg = lam_n * queue[j] + (1 - lam_n) * queue[perm[j]]
+            out[i, 1 + j] = float(np.dot(q_hat, neg)) / T
+    return out
+
+
+@pytest.mark.parametrize("n,kq,c", [(1, 5, 4), (6, 13, 8), (9, 32, 16)])
+def test_logits_equal_hand_computation(n, kq, c):
+    g = torch.Generator().manual_seed(n * 100 + kq)
+    q, k, queue = unit(n, c, gen=g), unit(n, c, gen=g), unit(kq, c, gen=g)
+    lam_p, lam_n, T = 1.37, 0.61, 0.07
+    perm = torch.randperm(kq, generator=g)
+    q_hat, k_hat = transform_positives(q, k, lam_p)
+    got = moco_logits(q_hat, k_hat, queue, T, lam_n, perm)
+    np.testing.assert_allclose(got.numpy(), hand_logits(q, k, queue, T, lam_p, lam_n, perm.numpy()), rtol=1e-12)
+    # No re-normalisation: q_hat has norm >= 1 under extrapolation, mixed negatives norm <= 1.
+    assert (q_hat.norm(dim=1) >= 1 - 1e-12).all()
+
+
+def test_plain_moco_logits_without_ft():
+    g = torch.Generator().manual_seed(0)
+    q, k, queue = unit(4, 8, gen=g), unit(4, 8, gen=g), unit(10, 8, gen=g)
+    got = moco_logits(q, k, queue, 0.2)
+    want = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1) / 0.2
+    torch.testing.assert_close(got, want)
+
+
+def test_gradient_reaches_q_through_both_q_hat_and_k_hat():
+    g = torch.Generator().manual_seed(1)
+    q0, k, queue = unit(5, 8, gen=g), unit(5, 8, gen=g), unit(20, 8, gen=g)
+    perm = torch.randperm(20, generator=g)
+
+    def grad(through_q_hat: bool, through_k_hat: bool) -> torch.Tensor:
+        q = q0.clone().requires_grad_(True)
+        q_hat, _ = transform_positives(q if through_q_hat else q.detach(), k, 1.6)
+        _, k_hat = transform_positives(q if through_k_hat else q.detach(), k, 1.6)
+        loss, _ = info_nce_loss(q_hat, k_hat, queue, 0.2, 0.3, perm)
+        loss.backward()
+        return q.grad if q.grad is not None else torch.zeros_like(q)
+
+    full, via_q_hat, via_k_hat = grad(True, True), grad(True, False), grad(False, True)
+    assert via_k_hat.abs().max() > 1e-3 and via_q_hat.abs().max() > 1e-3
+    torch.testing.assert_close(full, via_q_hat + via_k_hat)
+
+
+def tiny_moco(ft: FTConfig, K: int = 10) -> MoCo:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet18", small_stem=True, head="mlp", dim=16, queue_size=K, momentum=0.9,
+                      temperature=0.2)
+    return MoCo(cfg, ft)
+
+
+def capture_keys(model: MoCo) -> list:
+    keys = []
+    model.encoder_k.register_forward_hook(lambda m, i, o: keys.append(F.normalize(o.detach(), dim=1)))
+    return keys
+
+
+def test_key_encoder_gets_no_gradient_and_queue_gets_clean_keys():
+    model = tiny_moco(FTConfig())  # defaults: extrapolation + interpolation
+    keys = capture_keys(model)
+    seen = {}
+    real_loss = model.loss_fn
+
+    def spy(q_hat, k_hat, queue, T, lam_n, perm):
+        seen.update(queue_arg=queue.clone(), stored=model.queue.clone(), k_hat=k_hat, lam_n=lam_n, perm=perm)
+        return real_loss(q_hat, k_hat, queue, T, lam_n, perm)
+
+    model.loss_fn = spy
+    before = model.queue.clone()
+    x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    loss, logits, draw = model(x1, x2)
+    loss.backward()
+
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
+    assert torch.equal(seen["stored"], before) and torch.equal(seen["queue_arg"], before)
+    assert 0.0 <= draw.lam_n <= 1.0 and 1.0 <= draw.lam_p <= 2.0
+    assert sorted(draw.perm.tolist()) == list(range(10))
+    # The logits were taken against the mixed negatives of the pre-step queue ...
+    with torch.no_grad():
+        q = F.normalize(model.encoder_q(x1), dim=1)  # no optimizer step yet: same query features
+    q_hat = draw.lam_p * q + (1 - draw.lam_p) * keys[0]
+    neg = draw.lam_n * before + (1 - draw.lam_n) * before[draw.perm]
+    torch.testing.assert_close(logits[:, 1:], q_hat @ neg.t() / 0.2)
+    # ... and after the step the queue holds exactly the clean keys at rows 0..3, everything else untouched.
+    torch.testing.assert_close(model.queue[:4], keys[0])
+    assert torch.equal(model.queue[4:], before[4:])
+    assert int(model.queue_ptr) == 4
+
+
+def test_enqueue_wraps_around_K():
+    model = tiny_moco(FTConfig(pos="none", neg="none"), K=10)
+    before = model.queue.clone()
+    model.queue_ptr.fill_(7)
+    keys = F.normalize(torch.randn(5, 16), dim=1)
+    model.enqueue(keys)
+    torch.testing.assert_close(model.queue[[7, 8, 9, 0, 1]], keys)
+    assert torch.equal(model.queue[2:7], before[2:7])
+    assert int(model.queue_ptr) == 2
+    many = F.normalize(torch.randn(13, 16), dim=1)  # more keys than slots: the newest K remain, in ring order
+    model.enqueue(many)
+    assert int(model.queue_ptr) == (2 + 13) % 10
+    for j in range(13 - 10, 13):
+        torch.testing.assert_close(model.queue[(2 + j) % 10], many[j])
+
+
+def test_plain_moco_baseline_trains_a_step():
+    model = tiny_moco(FTConfig(pos="none", neg="none"))
+    keys = capture_keys(model)
+    before = model.queue.clone()
+    loss, logits, draw = model(torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8))
+    loss.backward()  # the queue is overwritten after the logits: backward must still work
+    assert draw.lam_p is None and draw.perm is None and torch.isfinite(loss)
+    torch.testing.assert_close(model.queue[:3], keys[0])
+    assert torch.equal(model.queue[3:], before[3:])
+
+
+def test_draws_follow_the_configured_distributions():
+    torch.manual_seed(0)
+    queue = torch.randn(7, 4)
+    ft = FeatureTransform(FTConfig())
+    draws = [ft.draw(3, queue, epoch=0) for _ in range(3000)]
+    lam_p = np.array([d.lam_p for d in draws])
+    lam_n = np.array([d.lam_n for d in draws])
+    assert lam_p.min() >= 1 and lam_p.max() <= 2 and lam_n.min() >= 0 and lam_n.max() <= 1
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)): 0.05 for a 2.0, ~0.0595 for a 1.6.
+    assert abs(lam_p.mean() - 1.5) < 0.02 and abs(lam_p.var() - 0.05) < 0.006
+    assert abs(lam_n.mean() - 0.5) < 0.02 and abs(lam_n.var() - 1 / (4 * 4.2)) < 0.006
+    inter = FeatureTransform(FTConfig(pos="interpolate", neg="none")).draw(3, queue, 0)
+    assert 0 <= inter.lam_p <= 1 and inter.perm is None
+
+
+def test_elementwise_masks_and_start_epoch():
+    queue = torch.randn(11, 6)
+    d = FeatureTransform(FTConfig(dim_mask="elementwise")).draw(4, queue, epoch=0)
+    assert d.lam_p.shape == (4, 6) and d.lam_n.shape == (11, 6)
+    assert ((d.lam_p >= 1) & (d.lam_p <= 2)).all()
+    late = FeatureTransform(FTConfig(start_epoch=3))
+    assert late.draw(4, queue, epoch=2).lam_p is None and late.draw(4, queue, epoch=3).lam_p is not None
+
+
+def test_postmix_norm_renormalises():
+    g = torch.Generator().manual_seed(2)
+    q, k = unit(5, 8, gen=g), unit(5, 8, gen=g)
+    q_hat, k_hat = transform_positives(q, k, 1.8, renorm=True)
+    torch.testing.assert_close(q_hat.norm(dim=1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(k_hat.norm(dim=1), torch.ones(5, dtype=torch.float64))

@@ -1,0 +1,123 @@
+"""End-to-end training on the built-in digits: exact resume, atomic checkpoints, refused checkpoints."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fastft import checkpoint as ckpt_io
+from fastft.config import load_config
+from fastft.metrics import read_metrics
+from fastft.train import main, train
+
+
+def cfg_for(out_dir, cache, **extra):
+    return load_config(None, tiny_overrides(out_dir, cache, **extra))
+
+
+def final_state(out_dir):
+    path = ckpt_io.list_checkpoints(out_dir)[0]
+    return ckpt_io.load(path)
+
+
+def test_resume_is_exact(tmp_path, data_cache):
+    straight = train(cfg_for(tmp_path / "a", data_cache))
+    first = train(cfg_for(tmp_path / "b", data_cache, **{"run.epochs_per_job": 1}))
+    assert first["epoch"] == 1
+    resumed = train(cfg_for(tmp_path / "b", data_cache))
+    assert resumed["epoch"] == 2 and resumed["step"] == straight["step"] == 6
+
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name  # parameters, queue, pointer, BN stats
+    assert a["history"] == b["history"] and len(a["history"]) == 2
+    steps = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d) if r["kind"] == "train"]
+    assert steps(tmp_path / "a") == steps(tmp_path / "b") and len(steps(tmp_path / "a")) == 6
+
+
+def test_metrics_past_the_checkpoint_are_dropped_on_resume(tmp_path, data_cache):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1}))
+    with open(out / "metrics.jsonl", "a") as f:  # as if the job died mid-epoch 2 after logging step 5
+        f.write('{"kind": "train", "step": 5, "epoch": 1, "loss": 123.0}\n')
+    train(cfg_for(out, data_cache))
+    losses = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert 123.0 not in losses and len(losses) == 6
+
+
+KILL_WHILE_SAVING = textwrap.dedent("""
+    import os, signal, sys
+    from fastft import checkpoint as ckpt_io
+    path = ckpt_io.checkpoint_path(sys.argv[1], 2)
+    real_fsync = os.fsync
+    def die(fd):  # the temp file is fully written but not yet renamed: the worst moment
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.fsync = die
+    ckpt_io.save_atomic({"format": "fastft-checkpoint", "version": 1, "junk": list(range(10))}, path)
+""")
+
+
+def test_kill_while_writing_leaves_previous_checkpoint(tmp_path, data_cache):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1}))
+    good = ckpt_io.list_checkpoints(out)
+    assert [p.name for p in good] == ["epoch_0001.pt"]
+    proc = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, str(out)], capture_output=True)
+    assert proc.returncode == -9
+    assert not ckpt_io.checkpoint_path(out, 2).exists()
+    assert any(p.name.startswith(".epoch_0002.pt.tmp") for p in (out / "checkpoints").iterdir())
+    path, ckpt = ckpt_io.newest_good(out)
+    assert path == good[0] and ckpt["epoch"] == 1
+    # A truncated newer file (e.g. a partial copy) is skipped with a warning; resume still works.
+    ckpt_io.checkpoint_path(out, 3).write_bytes(good[0].read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="epoch_0003.pt cannot be read"):
+        path, _ = ckpt_io.newest_good(out)
+    assert path == good[0]
+    with pytest.warns(UserWarning):
+        assert train(cfg_for(out, data_cache))["epoch"] == 2
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, data_cache):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1}))
+    with pytest.raises(ckpt_io.CheckpointError, match=r"model.momentum: checkpoint 0.9 vs config 0.5"):
+        train(cfg_for(out, data_cache, **{"model.momentum": 0.5}))
+    # Logging-only keys may change between jobs.
+    assert train(cfg_for(out, data_cache, **{"run.log_every": 2}))["epoch"] == 2
+
+
+def test_non_checkpoint_files_are_refused(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a fastft checkpoint"):
+        ckpt_io.load(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ckpt_io.CheckpointError, match="cannot be read"):
+        ckpt_io.load(tmp_path / "text.pt")
+
+
+def test_knn_monitor_and_cli_report(tmp_path, data_cache, capsys):
+    out = tmp_path / "run"
+    rc = main(["configs/demo.yaml", *tiny_overrides(out, data_cache, **{"knn.every": 1, "knn.pixels": True,
+                                                                          "optim.epochs": 1})])
+    assert rc == 0
+    knn = [r for r in read_metrics(out) if r["kind"] in ("knn", "epoch")]
+    assert knn[0]["step"] == 0 and 0 < knn[0]["top1"] <= 1 and 0 < knn[0]["pixels_top1"] <= 1
+    assert 0 < knn[1]["knn_top1"] <= 1
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert "trained" in err and "random init" in err and "raw pixels" in err
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    rc = main(["configs/demo.yaml", "model.arch=resnet9"])
+    assert rc == 2
+    assert "model.arch = 'resnet9' is not valid; expected one of 'resnet18'" in capsys.readouterr().err
+
+
+def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, data_cache):
+    with pytest.raises(Exception, match="larger than the 1437 training images"):
+        train(cfg_for(tmp_path / "r", data_cache, **{"loader.batch_size": 5000}))
