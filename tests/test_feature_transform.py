@@ -171,3 +171,16 @@ def test_postmix_norm_renormalises():
     q_hat, k_hat = transform_positives(q, k, 1.8, renorm=True)
     torch.testing.assert_close(q_hat.norm(dim=1), torch.ones(5, dtype=torch.float64))
     torch.testing.assert_close(k_hat.norm(dim=1), torch.ones(5, dtype=torch.float64))
+
+
+def test_neg_score_stats_match_numpy():
+    from fastft.kernels import neg_score_stats
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(5, 40, generator=g) * 3 - 1.5  # some outside [-1, 1): clamped into the end bins
+    st = neg_score_stats(s, 0.2, (-1.0, 1.0, 8))
+    x = s.double().numpy()
+    np.testing.assert_allclose(st.sum.numpy(), x.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(st.sumsq.numpy(), (x ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(st.sumexp.numpy(), np.exp(x / 0.2).sum(1), rtol=1e-5)
+    want, _ = np.histogram(np.clip(x, -1, 1 - 1e-9), bins=8, range=(-1, 1))
+    np.testing.assert_array_equal(st.hist.numpy(), want)
