@@ -8,11 +8,18 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo test clean
 
+# Debian packages ffcv 1.0.2 compiles against (extra `ffcv`): installed when missing, as root (CI runs as root).
+FFCV_APT := pkg-config libturbojpeg0-dev libopencv-dev
+
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@dpkg -s $(FFCV_APT) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFCV_APT); \
+	  else echo "ffcv needs Debian packages: sudo apt-get install $(FFCV_APT)" >&2; exit 1; fi; }
+	$(PY) -m pip install --quiet -e '.[dev,dali,ffcv]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +27,13 @@ install: $(STAMP)
 # Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs raw pixels.
 demo: install
 	$(PY) -m fastft.train configs/demo.yaml $(ARGS)
+	$(PY) -m fastft.viz runs/demo --out runs/demo/viz
+
+# MoCo v2 / + pos extrapolation / + neg interpolation / + both, 2 seeds each, on the CPU (~20 min on 2 free
+# cores): kNN table in ABLATION.md, figures in runs/ablation/viz/index.html. E.g. ARGS="--epochs 10".
+.PHONY: ablation
+ablation: install
+	$(PY) -m fastft.ablation $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)

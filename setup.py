@@ -20,10 +20,22 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        "dev": ["pytest", "scikit-image"],  # scikit-image: bundled photographs for the loader tests
+        # Fast loaders (pipelines/dali_loader.py, pipelines/ffcv_loader.py). ffcv builds from source against
+        # Debian's pkg-config libturbojpeg0-dev libopencv-dev (the Makefile installs them); numba runs the colour
+        # kernels of both on the CPU.
+        "dali": ["nvidia-dali-cuda130", "numba"],
+        "ffcv": ["ffcv==1.0.2", "numba"],
+    },
     entry_points={
         "console_scripts": [
             "fastft-train=fastft.train:main",
+            "fastft-viz=fastft.viz:main",
+            "fastft-convert-dataset=fastft.pipelines.convert:main",
+            "fastft-linear=fastft.linear:main",
+            "fastft-knn=fastft.knn:main",
+            "fastft-export=fastft.export:main",
         ]
     },
 )

@@ -10,7 +10,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,13 @@ RESUME_FREE_KEYS = {
     "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
     "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "knn.every",
     "knn.pixels", "data.cache_dir",
+    # Score logging only observes the step (fastft/score_stats.py checks its own bins on resume).
+    "scores.enabled", "scores.flush_every", "scores.untransformed", "scores.bins", "scores.pos_lo",
+    "scores.pos_hi", "scores.neg_lo", "scores.neg_hi",
 }
+# Whole sections that only evaluation reads: pretraining never depends on them (`linear` is the probe's).
+RESUME_FREE_SECTIONS = {"linear"}
+RESUME_HINT = "Use the same config, another run.out_dir, or run.resume=none to start afresh."
 
 
 class CheckpointError(RuntimeError):
@@ -36,13 +42,14 @@ def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
+def save_atomic(obj: Any, path: str | Path, dump: Callable[[Any, BinaryIO], None] = torch.save) -> None:
+    """Write `obj` with `dump` (torch.save; pickle.dump for plain pickles) so `path` is whole or untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,16 +115,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
-    """Refuse a checkpoint whose run was configured differently (apart from RESUME_FREE_KEYS)."""
+def check_compatible(saved: dict, current: dict, path: str | Path, free_keys: set[str] = RESUME_FREE_KEYS,
+                     free_sections: set[str] = RESUME_FREE_SECTIONS, hint: str = RESUME_HINT) -> None:
+    """Refuse a checkpoint whose run was configured differently (apart from the free keys and sections)."""
     a, b = _flatten(saved), _flatten(current)
-    diffs = [k for k in sorted(set(a) | set(b)) if k not in RESUME_FREE_KEYS and a.get(k, "<missing>") != b.get(k, "<missing>")]
+    free = lambda k: k in free_keys or k.split(".", 1)[0] in free_sections
+    diffs = [k for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "<missing>") != b.get(k, "<missing>")]
     if diffs:
         shown = "; ".join(f"{k}: checkpoint {a.get(k, '<missing>')!r} vs config {b.get(k, '<missing>')!r}"
                           for k in diffs[:6])
         more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
-        raise CheckpointError(f"checkpoint {path} was written by a run with another config: {shown}{more}. "
-                              f"Use the same config, another run.out_dir, or run.resume=none to start afresh.")
+        raise CheckpointError(f"checkpoint {path} was written by a run with another config: {shown}{more}. {hint}")
 
 
 def rng_state() -> dict:

@@ -24,8 +24,14 @@ class ConfigError(ValueError):
 
 def bounded(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
             hi_open: bool = False) -> Any:
-    """A numeric field whose value must lie in [lo, hi] (or open at either end)."""
-    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+    """A numeric field whose value must lie in [lo, hi] (or open at either end).
+
+    A list default makes a list field: the range applies to every element, and each Config gets its own copy.
+    """
+    meta = {"range": (lo, hi, lo_open, hi_open)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -43,12 +49,20 @@ class DataConfig:
 
 @dataclass
 class LoaderConfig:
-    backend: Literal["torchvision"] = "torchvision"
+    # torchvision: the reference (DataLoader workers). dali: extra `dali`, GPU decode on CUDA, CPU mode without.
+    # ffcv: extra `ffcv`, reads .beton files (fastft-convert-dataset). All yield the same (view1, view2, labels).
+    backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"
     batch_size: int = bounded(256, 1)  # per process
     workers: int = bounded(8, 0, 256)
     aug: Literal["mocov1", "mocov2"] = "mocov2"
     # Resize ratio for evaluation transforms: Resize(size / crop_ratio) then CenterCrop(size), as 256/224.
     eval_crop_ratio: float = bounded(0.875, 0.0, 1.0, lo_open=True)
+    # ffcv: folder of `<split>.beton` files (train.beton, val.beton) written by fastft-convert-dataset, relative
+    # to the config file. "" = a built-in dataset is converted on first use into data.cache_dir.
+    beton_dir: str = ""
+    # dali/ffcv: where jitter, grayscale and blur run. loader: inside the loader (DALI ops, numba for ffcv);
+    # device: batched tensor ops on the training device after it; auto: loader, except ffcv on a GPU -> device.
+    color_ops: Literal["auto", "loader", "device"] = "auto"
 
 
 @dataclass
@@ -62,6 +76,8 @@ class ModelConfig:
     queue_size: int = bounded(65536, 1)
     momentum: float = bounded(0.999, 0.0, 1.0)
     temperature: float = bounded(0.2, 0.0, None, lo_open=True)
+    # Key-encoder batch norm under DDP: MoCo's shuffle-BN, or SyncBN in both encoders (global-batch statistics).
+    key_bn: Literal["shuffle", "sync"] = "shuffle"
 
 
 @dataclass
@@ -76,11 +92,22 @@ class FTConfig:
     dim_mask: Literal["none", "elementwise"] = "none"
     postmix_norm: bool = False
     start_epoch: int = bounded(0, 0)
+    # Draw the same scalar lambdas and permutation on every rank (default: each rank its own, as the authors).
+    share_lambdas: bool = False
+
+    def __post_init__(self):
+        if self.share_lambdas and self.dim_mask != "none":
+            raise ConfigError("ft.share_lambdas = true works with scalar lambdas only; set ft.dim_mask = 'none' "
+                              "or ft.share_lambdas = false")
 
 
 @dataclass
 class LossConfig:
-    kernel: Literal["auto", "torch"] = "auto"
+    # auto: the fused Triton kernel on CUDA, the torch reference elsewhere (fastft/loss.py, kernels/).
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    # Storage of the MoCo queue. bf16/fp16 halve the bytes the loss reads per step (the keys are rounded once,
+    # when enqueued); the Triton kernel then multiplies in that precision, accumulating in fp32.
+    queue_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass
@@ -122,6 +149,41 @@ class RunConfig:
 
 
 @dataclass
+class LinearConfig:
+    """Linear evaluation of the frozen query backbone (`python -m fastft.linear`). Defaults: the MoCo protocol."""
+    epochs: int = bounded(100, 1)
+    batch_size: int = bounded(256, 1)  # per process
+    lr: float = bounded(30.0, 0.0, None, lo_open=True)  # not scaled with the batch, as MoCo's main_lincls
+    momentum: float = bounded(0.9, 0.0, 1.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    milestones: list[int] = bounded([60, 80], 1)  # epochs at which the lr is multiplied by lr_decay
+    lr_decay: float = bounded(0.1, 0.0, 1.0, lo_open=True)
+    crop_scale_min: float = bounded(0.08, 0.0, 1.0, lo_open=True)  # RandomResizedCrop scale (min, 1)
+    # Extract features once with the eval transform (no augmentation) and train on them: much faster, but
+    # not the protocol (which augments every epoch). For CPU demos and quick checks.
+    cache_features: bool = False
+    eval_every: int = bounded(10, 0)  # epochs between val evaluations; 0 = only after the last epoch
+    resume: str = "auto"  # auto | none | path to a probe checkpoint
+    out_dir: str = ""  # "" = <run.out_dir>/linear/<encoder>, e.g. runs/demo/linear/epoch_0020
+
+
+@dataclass
+class ScoresConfig:
+    """Pos/neg score statistics (fastft/score_stats.py, DESIGN.md section 2); logging only, never the training."""
+    enabled: bool = True
+    flush_every: int = bounded(200, 1)  # steps per chunk written to <out_dir>/scores (also flushed at epoch end)
+    # Also record the clean q, k against the stored queue, to see what Feature Transformation changes.
+    untransformed: bool = True
+    # Fixed histogram bins over [lo, hi) (outliers land in the end bins). Scores are q_hat . k_hat and q_hat . n,
+    # not divided by T: extrapolated features reach |q_hat| ~ 3 and pos scores 5 cos - 4 at lam_p = 2.
+    bins: int = bounded(240, 2, 100000)
+    pos_lo: float = -4.0
+    pos_hi: float = 1.0
+    neg_lo: float = -3.0
+    neg_hi: float = 3.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -131,6 +193,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     # The file it came from, so relative paths in it (class_list) resolve against it. Not a config key.
     source: str = field(default="", metadata={"internal": True})
 
@@ -163,6 +227,8 @@ def _describe(t: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(t) if a is not type(None)]
         return " or ".join(_describe(a) for a in inner) + " or null"
+    if origin is list:
+        return "a list of " + _describe(typing.get_args(t)[0]).removeprefix("a ").removeprefix("an ") + "s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, str(t))
 
 
@@ -184,6 +250,10 @@ def _coerce(value: Any, t: Any, key: str, where: str, rng: tuple | None) -> Any:
             return None
         inner = [a for a in typing.get_args(t) if a is not type(None)]
         return _coerce(value, inner[0], key, where, rng)
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(f"is not a list; expected {_describe(t)}, e.g. [60, 80]")
+        return [_coerce(v, typing.get_args(t)[0], f"{key}[{i}]", where, rng) for i, v in enumerate(value)]
     if origin is Literal:
         choices = typing.get_args(t)
         if value not in choices:
@@ -233,7 +303,10 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
             kwargs[name] = _build(t, value if value is not None else {}, key + ".", where)
         else:
             kwargs[name] = _coerce(value, t, key, where, f.metadata.get("range"))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a check across fields (__post_init__): say where the values came from
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def unknown_key(key: str, where: str) -> ConfigError:

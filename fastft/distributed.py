@@ -1,7 +1,14 @@
-"""Process-group helpers. With no process group (one process) they reduce to the identity."""
+"""Process-group helpers. With no process group (one process) they reduce to the identity.
+
+Launch with torchrun: it sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; `setup()` joins the group with
+NCCL on CUDA (one process per GPU, bound by LOCAL_RANK) or gloo on the CPU.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +35,38 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def setup(device: torch.device, timeout_s: float = 1800) -> Dist:
+    """Join the torchrun process group if one was launched; bind this process to its GPU."""
+    if launched_world_size() <= 1 or is_dist():
+        return Dist(rank(), world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0 (rank order). No gradient flows through."""
@@ -36,3 +75,61 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every parameter and buffer of `module` from rank `src` to all ranks."""
+    if not is_dist() or world_size() == 1:
+        return
+    for t in module.state_dict().values():
+        dist.broadcast(t, src=src)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not is_dist() or world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffle-BN: gather the global batch, give each rank a random slice of it (permutation chosen on
+    rank 0 and broadcast), so a key's BN statistics are not those of its own query's batch. Returns this rank's
+    slice and the permutation that undoes it (for `batch_unshuffle`). Equal batch sizes on every rank."""
+    if not is_dist() or world_size() == 1:
+        return x, torch.arange(x.shape[0], device=x.device)
+    x_all = all_gather_cat(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device) if is_main() else torch.empty(
+        x_all.shape[0], dtype=torch.long, device=x.device)
+    dist.broadcast(perm, src=0)
+    mine = perm.view(world_size(), -1)[rank()]
+    return x_all[mine], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Inverse of `batch_shuffle`: each rank gets back the outputs of its own original samples."""
+    if not is_dist() or world_size() == 1:
+        return x
+    x_all = all_gather_cat(x)
+    return x_all[unshuffle.view(world_size(), -1)[rank()]]

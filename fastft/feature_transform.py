@@ -7,10 +7,17 @@ Negative interpolation (more diverse negatives), lam_n = Beta(a_n, a_n) in [0, 1
     neg = lam_n * queue + (1 - lam_n) * queue[perm]   # for this step's logits only (see kernels.reference)
 
 By default one scalar lambda each per step per process, no re-normalisation after mixing.
+
+Scalar lambdas and the permutation come from this object's own generators, seeded from (seed, stream): with
+stream = rank every process draws its own (the authors' behaviour), with one stream for all ranks
+(`ft.share_lambdas`) every rank draws the same without communicating. Their state is checkpointed, so a
+resumed run draws what the uninterrupted one would have. Per-element masks use torch's global RNG.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +33,16 @@ class FTDraw:
     perm: torch.Tensor | None = None
 
 
-def sample_lambda(dist: str, alpha: float, shape: tuple[int, ...], device: torch.device) -> float | torch.Tensor:
-    """Beta(alpha, alpha) or U(0, 1). A scalar is drawn on the CPU and returned as a float: no device sync."""
-    where = torch.device("cpu") if not shape else device
+def sample_lambda(dist: str, alpha: float, shape: tuple[int, ...], device: torch.device,
+                  rng: np.random.Generator | None = None) -> float | torch.Tensor:
+    """Beta(alpha, alpha) or U(0, 1): a float drawn from `rng` when `shape` is (), else a tensor on `device`."""
+    if not shape:
+        rng = rng if rng is not None else np.random.default_rng()
+        return float(rng.beta(alpha, alpha) if dist == "beta" else rng.random())
     if dist == "beta":
-        a = torch.tensor(float(alpha), device=where)
-        lam = torch.distributions.Beta(a, a).sample(shape)
-    else:
-        lam = torch.rand(shape, device=where)
-    return lam.item() if not shape else lam
+        a = torch.tensor(float(alpha), device=device)
+        return torch.distributions.Beta(a, a).sample(shape)
+    return torch.rand(shape, device=device)
 
 
 def transform_positives(q: torch.Tensor, k: torch.Tensor, lam_p: float | torch.Tensor,
@@ -47,8 +55,29 @@ def transform_positives(q: torch.Tensor, k: torch.Tensor, lam_p: float | torch.T
 
 
 class FeatureTransform:
-    def __init__(self, cfg: FTConfig):
+    def __init__(self, cfg: FTConfig, seed: int = 0, stream: int = 0):
         self.cfg = cfg
+        self.seed, self.stream = seed, stream
+        self.rng = np.random.default_rng([seed, stream])
+        self._perm_gen: torch.Generator | None = None
+        self._perm_state: torch.Tensor | None = None  # restored before the generator's device is known
+
+    def perm_generator(self, device: torch.device) -> torch.Generator:
+        if self._perm_gen is None or self._perm_gen.device != device:
+            self._perm_gen = torch.Generator(device=device)
+            self._perm_gen.manual_seed(int(np.random.default_rng([self.seed, self.stream, 1]).integers(2 ** 62)))
+            if self._perm_state is not None:
+                self._perm_gen.set_state(self._perm_state)
+                self._perm_state = None
+        return self._perm_gen
+
+    def state(self) -> dict:
+        perm = self._perm_gen.get_state() if self._perm_gen is not None else self._perm_state
+        return {"rng": self.rng.bit_generator.state, "perm": perm}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self._perm_gen, self._perm_state = None, state["perm"]
 
     def enabled(self, epoch: int) -> bool:
         return (self.cfg.pos != "none" or self.cfg.neg != "none") and epoch >= self.cfg.start_epoch
@@ -61,11 +90,13 @@ class FeatureTransform:
         c, kq = queue.shape[1], queue.shape[0]
         elementwise = self.cfg.dim_mask == "elementwise"
         if self.cfg.pos != "none":
-            lam = sample_lambda(self.cfg.dist, self.cfg.alpha_pos, (n, c) if elementwise else (), queue.device)
+            lam = sample_lambda(self.cfg.dist, self.cfg.alpha_pos, (n, c) if elementwise else (), queue.device,
+                                self.rng)
             out.lam_p = 1 + lam if self.cfg.pos == "extrapolate" else lam
         if self.cfg.neg != "none":
-            out.lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device)
-            out.perm = torch.randperm(kq, device=queue.device)
+            out.lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device,
+                                      self.rng)
+            out.perm = torch.randperm(kq, device=queue.device, generator=self.perm_generator(queue.device))
         return out
 
     def positives(self, q: torch.Tensor, k: torch.Tensor, draw: FTDraw) -> tuple[torch.Tensor, torch.Tensor]:

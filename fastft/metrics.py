@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 
 class MetricsLog:
@@ -27,6 +29,26 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
                     self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+
+    def histogram(self, tag: str, edges: Sequence[float], counts: Sequence[int], step: int) -> None:
+        """A histogram already binned elsewhere (e.g. on the device) to TensorBoard; len(edges) = len(counts) + 1.
+
+        Empty end bins are trimmed, as TensorBoard's own add_histogram does; bin centres stand in for the values
+        in `sum` / `sum_squares`.
+        """
+        if not self.enabled or self.tb is None:
+            return
+        counts = np.asarray(counts, dtype=np.float64)
+        edges = np.asarray(edges, dtype=np.float64)
+        nonzero = np.flatnonzero(counts)
+        if nonzero.size == 0:
+            return
+        lo, hi = nonzero[0], nonzero[-1] + 1
+        counts, edges = counts[lo:hi], edges[lo:hi + 1]
+        centres = (edges[:-1] + edges[1:]) / 2
+        self.tb.add_histogram_raw(tag, min=float(edges[0]), max=float(edges[-1]), num=float(counts.sum()),
+                                  sum=float((centres * counts).sum()), sum_squares=float((centres ** 2 * counts).sum()),
+                                  bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: on resume they came from work the checkpoint does not hold."""

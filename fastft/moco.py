@@ -2,29 +2,35 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastft.kernels import info_nce_loss
+from fastft.kernels import NegStats, info_nce_loss
 
 from .config import FTConfig, ModelConfig
-from .distributed import all_gather_cat
+from .distributed import all_gather_cat, batch_shuffle, batch_unshuffle
 from .encoder import Encoder
 from .feature_transform import FeatureTransform, FTDraw
 
-LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+if TYPE_CHECKING:
+    from .score_stats import ScoreRecorder
+
+# (loss, logits) for the torch reference; a fused loss (fastft/loss.py, `fused = True`) returns NegStats or None.
+LossFn = Callable[..., tuple[torch.Tensor, torch.Tensor | NegStats | None]]
 
 
 class MoCo(nn.Module):
-    def __init__(self, cfg: ModelConfig, ft: FTConfig, loss_fn: LossFn = info_nce_loss):
+    def __init__(self, cfg: ModelConfig, ft: FTConfig, loss_fn: LossFn = info_nce_loss,
+                 queue_dtype: torch.dtype = torch.float32, ft_seed: int = 0, ft_stream: int = 0):
         super().__init__()
         self.cfg = cfg
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
-        self.ft = FeatureTransform(ft)
+        self.ft = FeatureTransform(ft, ft_seed, ft_stream)  # stream: the rank, or 0 on all ranks when shared
+        self.shuffle_bn = cfg.key_bn == "shuffle"  # "sync": both encoders hold SyncBN (set up by the trainer)
         self.loss_fn = loss_fn
 
         self.encoder_q = Encoder(cfg)
@@ -32,9 +38,19 @@ class MoCo(nn.Module):
         for p in self.encoder_k.parameters():
             p.requires_grad = False
 
-        # [K, C] so that each negative is one contiguous row (what the kernels stream).
-        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.dim), dim=1))
+        # [K, C] so that each negative is one contiguous row (what the kernels stream), stored in `queue_dtype`
+        # (loss.queue_dtype: 16-bit halves the bytes the loss reads).
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.dim), dim=1).to(queue_dtype))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def use_ddp(self, ddp_query: nn.Module) -> None:
+        """Run the query encoder through its DDP wrapper. The wrapper is kept out of the module tree, so the
+        state dict has the same keys with 1 or N processes (DDP wraps the query encoder only: it alone has
+        gradients, and wrapping the whole module broke SyncBN gradients on gloo)."""
+        self.__dict__["_ddp_query"] = ddp_query
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.__dict__.get("_ddp_query", self.encoder_q)(x)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -55,13 +71,23 @@ class MoCo(nn.Module):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + n) % k)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, epoch: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, FTDraw]:
-        """Loss and logits (after FT) for one step; updates the key encoder and the queue as MoCo does."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, epoch: int = 0, scores: ScoreRecorder | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | NegStats | None, FTDraw]:
+        """Loss and logits (after FT) for one step; updates the key encoder and the queue as MoCo does.
+
+        The logits are [N, 1 + K] for the torch loss; a fused loss never builds them and returns in their place
+        the NegStats of this step's negative scores when `scores` is given (binned as scores.neg_bins), else None.
+
+        `scores`: records this step's pos/neg score statistics on the device (fastft/score_stats.py).
+        """
+        q = F.normalize(self.query(im_q), dim=1)
         with torch.no_grad():
             self.momentum_update()
+            if self.shuffle_bn:  # the keys' BN statistics must not come from their own queries' batch
+                im_k, undo = batch_shuffle(im_k)
             k = F.normalize(self.encoder_k(im_k), dim=1)
+            if self.shuffle_bn:
+                k = batch_unshuffle(k, undo)
 
         # The contrastive part runs in fp32 whatever the encoders' autocast dtype: it is O(N x K), not the cost.
         with torch.autocast(q.device.type, enabled=False):
@@ -69,9 +95,16 @@ class MoCo(nn.Module):
             draw = self.ft.draw(q.shape[0], self.queue, epoch)
             q_hat, k_hat = self.ft.positives(q, k, draw)
             # Without interpolation the logits read the queue itself, which enqueue() overwrites before
-            # backward needs it: read a copy (as MoCo does). With interpolation the mix is already a copy.
-            queue = self.queue if draw.perm is not None else self.queue.clone()
-            loss, logits = self.loss_fn(q_hat, k_hat, queue, self.temperature, draw.lam_n, draw.perm)
+            # backward needs it: read a copy (as MoCo does). With interpolation the mix is already a copy, and a
+            # fused loss does not read the queue after forward at all.
+            fused = getattr(self.loss_fn, "fused", False)
+            queue = self.queue if draw.perm is not None or fused else self.queue.clone()
+            extra = {}
+            if fused and scores is not None:  # the kernel bins the negative scores in the same pass
+                extra["stats_bins"] = (scores.neg_bins.lo, scores.neg_bins.hi, scores.neg_bins.n)
+            loss, logits = self.loss_fn(q_hat, k_hat, queue, self.temperature, draw.lam_n, draw.perm, **extra)
+            if scores is not None:  # reads the stored queue before enqueue() below overwrites it
+                scores.observe(logits, q_hat, k_hat, q=q, k=k, queue=self.queue, draw=draw)
 
         self.enqueue(all_gather_cat(k))  # clean keys, never the transformed ones
         return loss, logits, draw

@@ -10,7 +10,6 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,60 +17,26 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from fastft.pipelines.loader import eval_loader, pretrain_loader
+from fastft.pipelines.loader import pretrain_loader
 
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, load_config
-from .distributed import is_main, launched_world_size, rank, world_size
-from .knn import extract_features, knn_top1
-from .loss import select_loss
+from .device import pick_device, pick_precision
+from .distributed import (all_gather_objects, all_reduce_mean, barrier, broadcast_module, broadcast_object, cleanup,
+                          is_main, rank, setup, world_size)
+from .knn import evaluate_knn
+from .loss import queue_dtype, select_loss
 from .metrics import MetricsLog
 from .moco import MoCo
 from .schedule import base_lr, lr_at
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 is ~10x slower than fp32 on CPUs without bf16 instructions (measured, DESIGN.md section 4).
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+from .score_stats import ScoreRecorder, ScoreStore
+from .sync_bn import convert_sync_bn
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-@dataclass
-class KnnResult:
-    top1: float
-    n_train: int
-    n_val: int
-
-
-def evaluate_knn(model: MoCo, cfg: Config, device: torch.device, dtype: torch.dtype,
-                 pixels: bool = False) -> KnnResult:
-    """Weighted kNN top-1 of the query backbone (or of raw pixels) on the val split, train split as memory."""
-    was_training = model.training
-    model.eval()
-    backbone = model.encoder_q.backbone
-    encode = (lambda x: x) if pixels else backbone
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        train_loader = eval_loader(cfg, cfg.data.train_split, device)
-        tf, tl = extract_features(encode, train_loader)
-        vf, vl = extract_features(encode, eval_loader(cfg, cfg.data.val_split, device))
-    model.train(was_training)
-    num_classes = len(train_loader.dataset.classes)
-    return KnnResult(knn_top1(tf, tl, vf, vl, num_classes, cfg.knn.k, cfg.knn.temperature), len(tl), len(vl))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,10 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = pick_device(cfg.run.device)
+        self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         self.dtype = pick_precision(cfg.run.precision, self.device)
         self.out_dir = Path(cfg.run.out_dir)
-        seed_everything(cfg.run.seed + rank())
+        seed_everything(cfg.run.seed)  # the same initial model on every rank
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -103,9 +68,23 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = base_lr(cfg.optim, cfg.loader.batch_size * world_size())
 
-        self.model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device)).to(self.device)
+        self.model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device),
+                          queue_dtype(cfg.loss.queue_dtype), ft_seed=cfg.run.seed,
+                          ft_stream=0 if cfg.ft.share_lambdas else rank())
+        if cfg.model.key_bn == "sync":
+            convert_sync_bn(self.model, self.device)
+        self.model = self.model.to(self.device)
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        seed_everything(cfg.run.seed + rank())  # from here on each rank draws its own augmentations
+        if world_size() > 1:
+            broadcast_module(self.model)  # the key encoder and queue start identical too, not just encoder_q
+            # Buffers are not broadcast each step: the queue stays identical through the all-gather of keys, and
+            # query BN statistics stay per rank as in MoCo.
+            self.model.use_ddp(torch.nn.parallel.DistributedDataParallel(
+                self.model.encoder_q, device_ids=[self.device] if self.device.type == "cuda" else None,
+                broadcast_buffers=False))
+        self.net = self.model
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=self.peak_lr,
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                          fused=self.device.type == "cuda" or None)
@@ -120,14 +99,21 @@ class Trainer:
         self.knn_pixels: float | None = None
         self.history: list[float] = []  # mean loss of each completed epoch
         self.log = MetricsLog(self.out_dir, enabled=is_main(), tensorboard=cfg.run.tensorboard)
+        self.scores: ScoreRecorder | None = None
+        if cfg.scores.enabled:  # pos/neg score statistics, on the device every step (fastft/score_stats.py)
+            self.scores = ScoreRecorder(cfg.scores, cfg.model.temperature, self.device,
+                                        ScoreStore(self.out_dir) if is_main() else None, self.log)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def rng_snapshot(self) -> dict:
+        return {**ckpt_io.rng_state(), "ft": self.model.ft.state()}
+
+    def state(self, rngs: list[dict]) -> dict:
         return {
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": self.cfg.to_dict(),
             "epoch": self.epoch, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": ckpt_io.rng_state(), "history": self.history,
+            "rng": rngs, "world_size": world_size(), "history": self.history,
             "knn_init": self.knn_init, "knn_pixels": self.knn_pixels,
         }
 
@@ -136,7 +122,12 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        ckpt_io.set_rng_state(ckpt["rng"])
+        if len(ckpt["rng"]) == world_size():  # each rank continues its own random streams
+            ckpt_io.set_rng_state(ckpt["rng"][rank()])
+            self.model.ft.load_state(ckpt["rng"][rank()]["ft"])
+        else:
+            self.say(f"warning: {path} was written by {len(ckpt['rng'])} process(es), this run has {world_size()}: "
+                     f"random streams restart, so the run continues but not bit for bit")
         self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
         self.knn_init, self.knn_pixels = ckpt["knn_init"], ckpt["knn_pixels"]
         self.log.truncate_after(self.step)
@@ -145,11 +136,13 @@ class Trainer:
         mode = self.cfg.run.resume
         if mode == "none":
             return
-        if mode == "auto":
-            found = ckpt_io.newest_good(self.out_dir)
-            if found is None:
+        if mode == "auto":  # rank 0 picks, so that every rank resumes from the same checkpoint
+            found = ckpt_io.newest_good(self.out_dir) if is_main() else None
+            chosen = broadcast_object(str(found[0]) if found else None)
+            if chosen is None:
                 return
-            path, ckpt = found
+            path = Path(chosen)
+            ckpt = found[1] if found else ckpt_io.load(path)
         else:
             path = Path(mode)
             ckpt = ckpt_io.load(path)
@@ -157,10 +150,11 @@ class Trainer:
         self.say(f"resumed from {path} (epoch {self.epoch}, step {self.step})")
 
     def save(self) -> None:
-        if not is_main():
-            return
-        ckpt_io.save_atomic(self.state(), ckpt_io.checkpoint_path(self.out_dir, self.epoch))
-        ckpt_io.prune(self.out_dir, self.cfg.run.keep_ckpts)
+        rngs = all_gather_objects(self.rng_snapshot())  # every rank's streams; rank 0 writes
+        if is_main():
+            ckpt_io.save_atomic(self.state(rngs), ckpt_io.checkpoint_path(self.out_dir, self.epoch))
+            ckpt_io.prune(self.out_dir, self.cfg.run.keep_ckpts)
+        barrier()
 
     # -- loop -------------------------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -175,7 +169,7 @@ class Trainer:
 
     def train_step(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss, _, _ = self.model(v1, v2, self.epoch)
+            loss, _, _ = self.net(v1, v2, self.epoch, scores=self.scores)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -193,20 +187,27 @@ class Trainer:
             lr = self.set_lr()
             losses[i] = self.train_step(v1, v2)
             self.step += 1
+            if self.scores is not None:
+                self.scores.commit(self.step, self.epoch)
             seen += v1.shape[0]
             bar.update(1)
             if self.step % self.cfg.run.log_every == 0 or i + 1 == self.steps_per_epoch:
-                loss = losses[i].item()
+                loss = all_reduce_mean(losses[i]).item()
                 rate = seen * world_size() / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{rate:.0f}")
                 self.log.log({"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
                               "images_per_s": rate})
         bar.close()
+        if self.scores is not None:
+            self.scores.flush()
         self.epoch += 1
-        return losses.mean().item()
+        return all_reduce_mean(losses.mean()).item()
 
-    def knn(self, pixels: bool = False) -> float:
-        return evaluate_knn(self.model, self.cfg, self.device, self.dtype, pixels).top1
+    def knn(self, pixels: bool = False) -> float | None:
+        """On rank 0 only (the others wait): the monitor needs no speed, and one copy of the memory bank."""
+        top1 = evaluate_knn(self.model, self.cfg, self.device, self.dtype, pixels).top1 if is_main() else None
+        barrier()
+        return top1
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -214,6 +215,8 @@ class Trainer:
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.scores is not None:
+            self.scores.begin(self.step, cfg.model.queue_size)  # drops score chunks past a resumed checkpoint
         if self.step == 0 and cfg.knn.every > 0:
             self.knn_init = self.knn()
             if cfg.knn.pixels:
@@ -239,7 +242,7 @@ class Trainer:
                 record["knn_top1"] = knn_last
             self.log.log(record)
             self.say(f"epoch {self.epoch}/{cfg.optim.epochs}  loss {mean_loss:.4f}"
-                     + (f"  kNN top-1 {knn_last:.4f}" if "knn_top1" in record else ""))
+                     + (f"  kNN top-1 {knn_last:.4f}" if knn_last is not None and "knn_top1" in record else ""))
             if self.epoch % cfg.run.ckpt_every == 0 or last:
                 self.save()
         summary = {"epoch": self.epoch, "step": self.step, "loss_history": self.history,
@@ -268,13 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if launched_world_size() > 1:
-            raise ConfigError("launched with WORLD_SIZE > 1, but multi-process (DDP) training is not built yet; "
-                              "run one process (torchrun --nproc_per_node=1)")
         train(cfg)
     except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as e:
         print(f"fastft.train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup()
     return 0
 
 

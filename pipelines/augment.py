@@ -72,6 +72,16 @@ def torchvision_train_transform(aug: str, image_size: int) -> T.Compose:
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def linear_spec(crop_scale_min: float = 0.08) -> tuple[Step, ...]:
+    """Linear-probe training augmentation (MoCo's main_lincls): RandomResizedCrop + flip, no colour ops."""
+    return (Step("random_resized_crop", params={"scale": (crop_scale_min, 1.0), "ratio": (3 / 4, 4 / 3)}), FLIP)
+
+
+def torchvision_linear_transform(image_size: int, crop_scale_min: float = 0.08) -> T.Compose:
+    steps = [_torchvision_step(s, image_size) for s in linear_spec(crop_scale_min)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 def torchvision_eval_transform(image_size: int, crop_ratio: float = 0.875) -> T.Compose:
     """Resize(size / ratio) then CenterCrop(size): 256 -> 224 at the default ratio."""
     return T.Compose([

@@ -1,0 +1,382 @@
+"""Linear evaluation: `python -m fastft.linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
+
+The MoCo protocol (DESIGN.md section 1): the query backbone is frozen (eval-mode BatchNorm, no gradient), one
+linear layer on its features is trained with SGD (`linear.*`; defaults lr 30, momentum 0.9, wd 0, batch 256,
+100 epochs, lr x0.1 at epochs 60 and 80) on RandomResizedCrop + flip views of the train split, and top-1 /
+top-5 are measured on the val split (Resize / CenterCrop). Without --pretrained the newest checkpoint in
+run.out_dir is probed. --compare-random-init also probes the same architecture at random initialisation.
+
+The probe lives in <run.out_dir>/linear/<encoder> (its checkpoints, resumed like pretraining, and its own
+metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear" record at the encoder's
+pretraining step. An entry point: nothing imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastft.pipelines.loader import eval_loader, linear_loader
+
+from . import checkpoint as ckpt_io
+from .config import Config, ConfigError, LinearConfig, load_config
+from .device import pick_device, pick_precision
+from .distributed import is_main, launched_world_size, rank, world_size
+from .metrics import MetricsLog, read_metrics
+from .pretrained import Backbone, BackboneInfo, pick_backbone, random_backbone
+
+PROBE_KIND = "linear-probe"  # marks probe checkpoints: they hold a classifier, not an encoder
+# linear.* keys that change where output goes or how often val is measured, not the trained classifier.
+_PROBE_FREE_KEYS = {"resume", "eval_every", "out_dir"}
+_RESUME_HINT = ("Probe the same encoder with the same linear.* settings, set another linear.out_dir, or "
+                "linear.resume=none to start afresh.")
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class ProbeResult:
+    top1: float
+    top5: float
+    n_val: int
+
+
+def lr_at_epoch(cfg: LinearConfig, epoch: int) -> float:
+    """MoCo's step schedule: lr times lr_decay for every milestone reached (epochs counted from 0)."""
+    return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """How many rows have their label among the k best scores, for each k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def probe_identity(cfg: Config, info: BackboneInfo) -> dict:
+    """Everything the probe's numbers depend on: a probe checkpoint resumes only under the same identity."""
+    return {
+        "encoder": {"kind": info.kind, "arch": info.arch, "small_stem": info.small_stem,
+                    "fingerprint": info.fingerprint},
+        "linear": {k: v for k, v in asdict(cfg.linear).items() if k not in _PROBE_FREE_KEYS},
+        "data": {k: v for k, v in asdict(cfg.data).items() if k != "cache_dir"},
+        "loader": {"eval_crop_ratio": cfg.loader.eval_crop_ratio},
+        "run": {"seed": cfg.run.seed, "precision": cfg.run.precision, "steps_per_epoch": cfg.run.steps_per_epoch},
+    }
+
+
+class FrozenEncoder:
+    """The backbone as a fixed feature extractor: eval-mode BN, no gradient, fp32 features out."""
+
+    def __init__(self, backbone: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        self.module = backbone.to(device).eval().requires_grad_(False)
+        if channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.module(images).float().flatten(1)
+
+    def features(self, batches: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = zip(*((self(x), y) for x, y in batches))
+        return torch.cat(feats), torch.cat(labels)
+
+
+class AugmentedFeatures:
+    """Features of freshly augmented train views every epoch: the protocol."""
+
+    def __init__(self, cfg: Config, encoder: FrozenEncoder):
+        self.loader = linear_loader(cfg, encoder.device, rank(), world_size())
+        self.encoder = encoder
+        self.classes = self.loader.dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Batches:
+        self.loader.set_epoch(epoch)
+        return ((self.encoder(x), y) for x, y in self.loader)
+
+
+class CachedFeatures:
+    """Features of the un-augmented train split, extracted once and reshuffled every epoch (linear.cache_features)."""
+
+    def __init__(self, cfg: Config, encoder: FrozenEncoder):
+        self.loader = eval_loader(cfg, cfg.data.train_split, encoder.device)
+        self.encoder = encoder
+        self.classes = self.loader.dataset.classes
+        self.batch_size, self.seed = cfg.linear.batch_size, cfg.run.seed
+        self.n = len(self.loader.dataset)
+        self.per_rank = self.n // world_size()  # equal shards, so every rank takes as many steps
+        # Extracted on first use, so re-running a finished probe (which only reports) costs no extraction.
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def epoch(self, epoch: int) -> Batches:
+        if self.cache is None:
+            self.cache = self.encoder.features(self.loader)
+        feats, labels = self.cache
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
+        perm = torch.randperm(self.n, generator=g)[rank() * self.per_rank:(rank() + 1) * self.per_rank]
+        perm = perm.to(feats.device)
+        for i in range(0, len(perm), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield feats[idx], labels[idx]
+
+
+class LinearProbe:
+    def __init__(self, cfg: Config, backbone: Backbone):
+        self.cfg, self.lin, self.info = cfg, cfg.linear, backbone.info
+        self.device = pick_device(cfg.run.device)
+        dtype = pick_precision(cfg.run.precision, self.device)
+        self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
+        self.run_dir = Path(cfg.run.out_dir)
+        self.out_dir = Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear" / self.info.name
+        self.identity = probe_identity(cfg, self.info)
+        torch.manual_seed(cfg.run.seed + rank())  # the classifier's init and the augmentations of worker-less loading
+
+        self.train_data: CachedFeatures | AugmentedFeatures = (
+            CachedFeatures(cfg, self.encoder) if self.lin.cache_features else AugmentedFeatures(cfg, self.encoder))
+        self.val = eval_loader(cfg, cfg.data.val_split, self.device)
+        if self.val.dataset.classes != self.train_data.classes:
+            raise ConfigError(f"data.path {cfg.data.path!r}: the {cfg.data.val_split!r} split has other classes "
+                              f"than {cfg.data.train_split!r} ({len(self.val.dataset.classes)} vs "
+                              f"{len(self.train_data.classes)} folders): labels would not line up")
+        self.val_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # val features, with cache_features
+        self.steps_per_epoch = len(self.train_data)
+        if cfg.run.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"linear.batch_size = {self.lin.batch_size} is larger than the training images "
+                              f"of {cfg.data.path!r} per process: an epoch would be empty")
+
+        # MoCo's main_lincls init: small normal weights, zero bias.
+        self.head = nn.Linear(backbone.width, len(self.train_data.classes)).to(self.device)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        # TODO(DDP issue): wrap self.head in DistributedDataParallel so gradients are averaged across ranks.
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lin.lr, momentum=self.lin.momentum,
+                                         weight_decay=self.lin.weight_decay)
+        self.epoch = 0  # probe epochs completed
+        self.step = 0
+        self.history: list[float] = []  # mean train loss per epoch
+        self.result: ProbeResult | None = None  # set after the last epoch
+        self.log = MetricsLog(self.out_dir, enabled=is_main(), tensorboard=cfg.run.tensorboard)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": PROBE_KIND, "config": self.cfg.to_dict(),
+            "identity": self.identity, "encoder": asdict(self.info), "epoch": self.epoch, "step": self.step,
+            "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": ckpt_io.rng_state(),
+            "history": self.history, "result": asdict(self.result) if self.result else None,
+        }
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        if ckpt.get("kind") != PROBE_KIND:
+            raise ckpt_io.CheckpointError(f"{path} is not a linear-probe checkpoint (it has no 'kind: {PROBE_KIND}'"
+                                          f" marker); linear.resume takes auto, none or a probe checkpoint")
+        ckpt_io.check_compatible(ckpt["identity"], self.identity, path, free_keys=set(), free_sections=set(),
+                                 hint=_RESUME_HINT)
+        self.head.load_state_dict(ckpt["head"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt_io.set_rng_state(ckpt["rng"])
+        self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
+        self.result = ProbeResult(**ckpt["result"]) if ckpt["result"] else None
+        self.log.truncate_after(self.step)
+
+    def maybe_resume(self) -> None:
+        mode = self.lin.resume
+        if mode == "none":
+            return
+        if mode == "auto":
+            found = ckpt_io.newest_good(self.out_dir)
+            if found is None:
+                return
+            path, ckpt = found
+        else:
+            path = Path(mode)
+            ckpt = ckpt_io.load(path)
+        self.restore(ckpt, path)
+        self.say(f"linear probe: resumed from {path} (epoch {self.epoch})")
+
+    def save(self) -> None:
+        if is_main():
+            ckpt_io.save_atomic(self.state(), ckpt_io.checkpoint_path(self.out_dir, self.epoch))
+            ckpt_io.prune(self.out_dir, self.cfg.run.keep_ckpts)
+
+    # -- train / evaluate -------------------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        if is_main():
+            tqdm.write(msg)
+
+    def train_epoch(self) -> tuple[float, float]:
+        lr = lr_at_epoch(self.lin, self.epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.head.train()
+        losses = torch.zeros(self.steps_per_epoch, device=self.device)  # on device: no sync per step
+        bar = tqdm(total=self.steps_per_epoch, desc=f"linear {self.epoch + 1}/{self.lin.epochs}", leave=False,
+                   disable=not (self.cfg.run.progress and is_main()), dynamic_ncols=True)
+        for i, (feats, labels) in enumerate(itertools.islice(self.train_data.epoch(self.epoch), self.steps_per_epoch)):
+            loss = F.cross_entropy(self.head(feats), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses[i] = loss.detach()
+            self.step += 1
+            bar.update(1)
+            if self.step % self.cfg.run.log_every == 0:
+                bar.set_postfix(loss=f"{losses[i].item():.4f}", lr=f"{lr:.4g}")
+        bar.close()
+        self.epoch += 1
+        return losses.mean().item(), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> ProbeResult:
+        self.head.eval()
+        if self.lin.cache_features and self.val_cache is None:
+            self.val_cache = self.encoder.features(self.val)
+        if self.val_cache is not None:
+            batches: Batches = zip(self.val_cache[0].split(1024), self.val_cache[1].split(1024))
+        else:
+            batches = ((self.encoder(x), y) for x, y in self.val)
+        correct, n = [0, 0], 0
+        for feats, y in batches:
+            correct = [a + b for a, b in zip(correct, topk_correct(self.head(feats), y))]
+            n += len(y)
+        return ProbeResult(correct[0] / n, correct[1] / n, n)
+
+    def run(self) -> ProbeResult | None:
+        """Train to linear.epochs (or run.epochs_per_job more) and return the final val result (None if stopped)."""
+        self.maybe_resume()
+        if is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        features = "cached (no augmentation)" if self.lin.cache_features else "augmented"
+        self.say(f"linear probe: {self.info.describe()} | {len(self.train_data.classes)} classes, "
+                 f"{self.steps_per_epoch} steps/epoch, batch {self.lin.batch_size}x{world_size()}, {features} "
+                 f"features, lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones} | {self.out_dir}")
+        ran = 0
+        while self.epoch < self.lin.epochs:
+            if self.cfg.run.epochs_per_job and ran >= self.cfg.run.epochs_per_job:
+                self.say(f"linear probe: stopping after {ran} epoch(s) as run.epochs_per_job asks; run again to resume")
+                break
+            loss, lr = self.train_epoch()
+            ran += 1
+            self.history.append(loss)
+            record = {"kind": "linear_epoch", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr}
+            last = self.epoch == self.lin.epochs
+            if last or (self.lin.eval_every and self.epoch % self.lin.eval_every == 0):
+                res = self.evaluate()
+                record.update(top1=res.top1, top5=res.top5)
+                if last:
+                    self.result = res
+            self.log.log(record)
+            self.say(f"linear epoch {self.epoch}/{self.lin.epochs}  loss {loss:.4f}"
+                     + (f"  top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}" if "top1" in record else ""))
+            if last or self.epoch % self.cfg.run.ckpt_every == 0:
+                self.save()
+        if self.result is not None and is_main():
+            self.report(self.result)
+        self.log.close()
+        return self.result
+
+    def report(self, res: ProbeResult) -> None:
+        record = {"kind": "linear", "step": self.info.step, "epoch": self.info.epoch, "top1": res.top1,
+                  "top5": res.top5, "n_val": res.n_val, "encoder": self.info.kind, "checkpoint": self.info.checkpoint,
+                  "fingerprint": self.info.fingerprint, "probe_dir": str(self.out_dir),
+                  "probe_epochs": self.lin.epochs, "cache_features": self.lin.cache_features}
+        tmp = self.out_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(self.out_dir / "result.json")
+        # Once per finished probe, however often it is re-run: the run's metrics are a record, not a log of calls.
+        same = lambda r: r.get("kind") == "linear" and all(r.get(k) == record[k] for k in
+                                                          ("probe_dir", "fingerprint", "probe_epochs"))
+        if not any(same(r) for r in read_metrics(self.run_dir)):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_log = MetricsLog(self.run_dir, tensorboard=self.cfg.run.tensorboard)
+            run_log.log(record)
+            run_log.close()
+        self.say(f"linear probe top-1 {res.top1:.4f}  top-5 {res.top5:.4f} on {self.cfg.data.val_split} "
+                 f"({res.n_val} images) | {self.info.describe()}")
+
+
+def probe(cfg: Config, backbone: Backbone) -> ProbeResult | None:
+    return LinearProbe(cfg, backbone).run()
+
+
+def knn_line(cfg: Config, info: BackboneInfo) -> str | None:
+    """The pretraining run's own kNN report, when it describes the probed checkpoint."""
+    path = Path(cfg.run.out_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    if s.get("knn_top1") is None or s.get("epoch") != info.epoch:
+        return None
+    parts = [f"trained {s['knn_top1']:.4f}", f"random init {s['knn_init_top1']:.4f}"]
+    if s.get("knn_pixels_top1") is not None:
+        parts.append(f"raw pixels {s['knn_pixels_top1']:.4f}")
+    return f"kNN top-1 on {cfg.data.val_split} (k {cfg.knn.k}, T {cfg.knn.temperature}): " + " | ".join(parts)
+
+
+def compare_with_random_init(cfg: Config, info: BackboneInfo, trained: ProbeResult) -> None:
+    """The same probe on the same architecture at random initialisation, printed beside the trained encoder's."""
+    base = probe(cfg, random_backbone(cfg.model, cfg.run.seed))
+    if base is None or not is_main():
+        return
+    what = f"{cfg.linear.epochs} epochs, {'cached' if cfg.linear.cache_features else 'augmented'} features"
+    print(f"linear probe top-1 on {cfg.data.val_split} ({what}): trained {trained.top1:.4f} | "
+          f"random init {base.top1:.4f}")
+    line = knn_line(cfg, info)
+    if line:
+        print(line)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="fastft.linear", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config file (the one the encoder was pretrained with)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. linear.epochs=10")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--pretrained", metavar="CKPT", help="pretraining checkpoint (default: newest in run.out_dir)")
+    which.add_argument("--random-init", action="store_true", help="probe the architecture at random initialisation")
+    ap.add_argument("--compare-random-init", action="store_true",
+                    help="also run the same probe on a random-init encoder and print both (and the run's kNN)")
+    return ap.parse_intermixed_args(argv)  # options may come before, between or after the overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if launched_world_size() > 1:
+            raise ConfigError("launched with WORLD_SIZE > 1, but multi-process (DDP) linear evaluation is not built "
+                              "yet; run one process")
+        if args.compare_random_init and args.random_init:
+            raise ConfigError("--compare-random-init compares a pretrained encoder with random init; "
+                              "drop --random-init")
+        backbone = pick_backbone(cfg, args.pretrained, args.random_init)
+        res = probe(cfg, backbone)
+        if args.compare_random_init and res is not None:
+            compare_with_random_init(cfg, backbone.info, res)
+    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as e:
+        print(f"fastft.linear: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

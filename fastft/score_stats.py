@@ -1,0 +1,380 @@
+"""Pos/neg score statistics (DESIGN.md section 2): accumulated on the device every step, written in chunks.
+
+For sample i of a step, on the features the loss used (after Feature Transformation), with the scores
+s_ij = q_hat_i . n_j (NOT divided by T) against its K negatives n_j and p_i = q_hat_i . k_hat_i:
+
+    neg mean_i = mean_j s_ij          neg var_i = mean_j s_ij^2 - (neg mean_i)^2     (population variance)
+    exp neg_i  = mean_j exp(s_ij / T) exp pos_i = exp(p_i / T)                        pos_i = p_i
+
+(the authors' five numbers). Every step stores the batch mean of each (plus of p_i^2 and mean_j s_ij^2, for
+the spread across samples and the pooled neg variance); every chunk of steps stores fixed-bin histograms of all
+p_i and all s_ij. With `scores.untransformed` the same is recorded on the clean q, k against the stored queue.
+
+The common input is (pos scores [N], NegStats): the torch loss path gives logits, from which NegStats are
+computed here; a fused kernel that never materialises logits returns NegStats itself (binned with
+`ScoreRecorder.neg_bins`). Nothing here reads a value back to the host until a flush.
+
+On disk, RUN/scores/ holds one `chunk_<first step>.npz` per flush (plain arrays, no pickles) and `index.json`
+(bin settings, chunk list). Both are written atomically and the index last, so a reader never sees a chunk that
+is half written, and a chunk the index does not list (a crash between the two writes) is ignored and replaced.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastft.kernels import NegStats, histogram_bins
+
+from .checkpoint import save_atomic
+from .config import ConfigError, ScoresConfig
+from .distributed import is_dist, world_size
+
+if TYPE_CHECKING:
+    from .feature_transform import FTDraw
+    from .metrics import MetricsLog
+
+FORMAT = "fastft-scores"
+VERSION = 1
+FOLDER = "scores"
+INDEX = "index.json"
+# Batch means stored per step, in this column order (see the module docstring).
+SERIES = ("pos_mean", "pos_sq_mean", "neg_mean", "neg_sq_mean", "neg_var", "exp_neg_mean", "exp_pos_mean")
+# ft: the features used in the loss; raw: the clean q, k and the stored queue.
+FEATURES = ("ft", "raw")
+_CHUNK = re.compile(r"^chunk_(\d+)\.npz$")
+
+
+class ScoresError(ValueError):
+    """A run folder whose score files are missing, unreadable or not comparable with another run's."""
+
+
+@dataclass(frozen=True)
+class BinSpec:
+    """`n` equal bins over [lo, hi); scores outside land in the end bins (kernels.reference.histogram_bins)."""
+    lo: float
+    hi: float
+    n: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi and self.n >= 1):
+            raise ConfigError(f"score bins [{self.lo}, {self.hi}) x {self.n}: need lo < hi and at least one bin")
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.lo, self.hi, self.n + 1)
+
+    def as_list(self) -> list:
+        return [self.lo, self.hi, self.n]
+
+    def as_tuple(self) -> tuple[float, float, int]:
+        """(lo, hi, nbins), as kernels.reference.neg_score_stats and the fused kernel take them."""
+        return (self.lo, self.hi, self.n)
+
+    def describe(self) -> str:
+        return f"[{self.lo:g}, {self.hi:g}) in {self.n} bins"
+
+
+def bins_from_config(cfg: ScoresConfig) -> tuple[BinSpec, BinSpec]:
+    return BinSpec(cfg.pos_lo, cfg.pos_hi, cfg.bins), BinSpec(cfg.neg_lo, cfg.neg_hi, cfg.bins)
+
+
+# -- the statistics -------------------------------------------------------------------------------------------
+def count_bins(scores: torch.Tensor, bins: BinSpec) -> torch.Tensor:
+    """[bins.n] int64 counts of `scores` ([rows, cols] or [n]) under the shared binning rule.
+
+    Counted with a per-row scatter_add, not torch.bincount: on CUDA bincount reads min/max back to the host (a
+    sync every step), and one global histogram makes every thread hit the same few hot bins.
+    """
+    idx = histogram_bins(scores, bins.lo, bins.hi, bins.n)
+    idx = idx.reshape(1, -1) if idx.dim() == 1 else idx.reshape(idx.shape[0], -1)
+    per_row = torch.zeros(idx.shape[0], bins.n, dtype=torch.int32, device=idx.device)
+    per_row.scatter_add_(1, idx, torch.ones((), dtype=torch.int32, device=idx.device).expand_as(idx))
+    return per_row.sum(0, dtype=torch.int64)
+
+
+def neg_stats(neg_scores: torch.Tensor, temperature: float, bins: BinSpec) -> NegStats:
+    """kernels.reference.neg_score_stats of an [N, K] score matrix, counted without a host sync (count_bins)."""
+    s = neg_scores.float()
+    return NegStats(s.sum(1), (s * s).sum(1), (s / temperature).exp().sum(1), count_bins(s, bins))
+
+
+def scores_from_logits(logits: torch.Tensor, temperature: float, bins: BinSpec) -> tuple[torch.Tensor, NegStats]:
+    """(pos scores [N], NegStats) from [N, 1 + K] logits divided by T (column 0 the positive)."""
+    s = logits.detach().float() * temperature
+    return s[:, 0], neg_stats(s[:, 1:], temperature, bins)
+
+
+def batch_means(pos: torch.Tensor, neg: NegStats, num_neg: int, temperature: float) -> torch.Tensor:
+    """[len(SERIES)] batch means of the per-sample numbers, on the device."""
+    pos = pos.float()
+    mean = neg.sum / num_neg
+    sq = neg.sumsq / num_neg
+    var = (sq - mean * mean).clamp_min(0)  # E[s^2] - E[s]^2 can dip below 0 by rounding
+    return torch.stack([pos.mean(), (pos * pos).mean(), mean.mean(), sq.mean(), var.mean(),
+                        (neg.sumexp / num_neg).mean(), (pos / temperature).exp().mean()])
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() * b.float()).sum(1)
+
+
+# -- files ----------------------------------------------------------------------------------------------------
+def _chunk_name(first_step: int) -> str:
+    return f"chunk_{first_step:010d}.npz"
+
+
+@dataclass
+class Chunk:
+    """One flush: the steps it covers, their per-step batch means and the chunk's histograms."""
+    steps: np.ndarray  # [S] int64, step count after each step (as in metrics.jsonl)
+    epochs: np.ndarray  # [S] int64, 0-based epoch of each step
+    means: dict[str, np.ndarray]  # feature -> [S, len(SERIES)] float32
+    hists: dict[str, np.ndarray]  # feature -> [2, nbins] int64 (row 0 pos, row 1 neg)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"step": self.steps, "epoch": self.epochs}
+        for feat in self.means:
+            for j, name in enumerate(SERIES):
+                out[f"{feat}_{name}"] = self.means[feat][:, j]
+            out[f"{feat}_hist_pos"], out[f"{feat}_hist_neg"] = self.hists[feat][0], self.hists[feat][1]
+        return out
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ScoresError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ScoresError(f"{path} is not a fastft score index (no 'format: {FORMAT}' marker)")
+    if index.get("version") != VERSION:
+        raise ScoresError(f"{path} is version {index.get('version')}; this fastft reads version {VERSION}")
+    return index
+
+
+class ScoreStore:
+    """The score files of one run (written by the main process only)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.folder = Path(run_dir) / FOLDER
+        self.index: dict = {}
+
+    def begin(self, meta: dict, resume_step: int) -> None:
+        """Keep the chunks up to `resume_step` (what the checkpoint covers), drop the rest, write the index."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        kept: list[dict] = []
+        if (self.folder / INDEX).is_file() and resume_step > 0:
+            try:
+                old = _read_index(self.folder)
+            except ScoresError as e:
+                warnings.warn(f"{e}; starting the score files afresh")
+            else:
+                kept = [c for c in old["chunks"] if c["last_step"] <= resume_step]
+                if kept and old["bins"] != meta["bins"]:
+                    raise ConfigError(
+                        f"{self.folder / INDEX} holds scores up to step {kept[-1]['last_step']} binned as "
+                        f"{_bins_text(old['bins'])}, but this run bins them as {_bins_text(meta['bins'])}; "
+                        f"resume with the same scores.bins / scores.pos_* / scores.neg_*, or use another run.out_dir")
+        names = {c["file"] for c in kept}
+        for p in self.folder.iterdir():  # later chunks, orphans of a crash between writes, save_atomic temp files
+            if (p.name.startswith(".") and ".tmp-" in p.name) or (_CHUNK.match(p.name) and p.name not in names):
+                p.unlink(missing_ok=True)
+        self.index = {"format": FORMAT, "version": VERSION, **meta, "chunks": kept}
+        self._write_index()
+
+    def append(self, chunk: Chunk, epoch: int) -> None:
+        first, last = int(chunk.steps[0]), int(chunk.steps[-1])
+        name = _chunk_name(first)
+        # Compressed (histograms are mostly empty bins); whole or absent, as checkpoints are.
+        save_atomic(chunk.arrays(), self.folder / name, lambda arrays, f: np.savez_compressed(f, **arrays))
+        self.index["chunks"].append({"file": name, "first_step": first, "last_step": last, "epoch": epoch,
+                                     "steps": len(chunk.steps), "features": sorted(chunk.means)})
+        self._write_index()
+
+    def _write_index(self) -> None:
+        # One chunk per line: readable, and small enough to rewrite at every flush of a long run.
+        head = {k: v for k, v in self.index.items() if k != "chunks"}
+        lines = ",\n  ".join(json.dumps(c) for c in self.index["chunks"])
+        text = (json.dumps(head)[:-1] + ',\n "chunks": [' + (f"\n  {lines}\n " if lines else "") + "]}\n").encode()
+        save_atomic(text, self.folder / INDEX, lambda data, f: f.write(data))
+
+
+def _bins_text(bins: dict) -> str:
+    return f"pos {BinSpec(*bins['pos']).describe()}, neg {BinSpec(*bins['neg']).describe()}"
+
+
+# -- the recorder -------------------------------------------------------------------------------------------
+class ScoreRecorder:
+    """Accumulates the statistics of each step on the device; `commit` after each step, `flush` at epoch end.
+
+    All processes observe and flush at the same steps; under DDP a flush averages the batch means and sums the
+    histograms over ranks (one all_reduce per flush), and only the process given a `store` writes.
+    """
+
+    def __init__(self, cfg: ScoresConfig, temperature: float, device: torch.device,
+                 store: ScoreStore | None = None, metrics: MetricsLog | None = None):
+        self.cfg = cfg
+        self.temperature = temperature
+        self.pos_bins, self.neg_bins = bins_from_config(cfg)
+        self.features = FEATURES if cfg.untransformed else FEATURES[:1]
+        self.store = store
+        self.metrics = metrics
+        self.capacity = cfg.flush_every
+        self.means = torch.zeros(self.capacity, len(self.features), len(SERIES), device=device)
+        self.hists = torch.zeros(len(self.features), 2, cfg.bins, dtype=torch.int64, device=device)
+        self.rows = 0  # steps observed in the current chunk (a host counter: no sync)
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+
+    def meta(self, num_neg: int | None = None) -> dict:
+        return {"temperature": self.temperature, "negatives": num_neg, "world_size": world_size(),
+                "bins": {"pos": self.pos_bins.as_list(), "neg": self.neg_bins.as_list()},
+                "features": list(self.features), "series": list(SERIES)}
+
+    def begin(self, step: int, num_neg: int | None = None) -> None:
+        """Start (or resume at `step`): score chunks past `step` are dropped."""
+        self.rows, self.steps, self.epochs = 0, [], []
+        self.hists.zero_()
+        if self.store is not None:
+            self.store.begin(self.meta(num_neg), step)
+
+    @torch.no_grad()
+    def observe(self, out: torch.Tensor | NegStats, q_hat: torch.Tensor, k_hat: torch.Tensor, *,
+                q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, draw: FTDraw | None = None) -> None:
+        """Record one step. `out`: the loss path's [N, 1 + K] logits (/ T) or its NegStats; `queue`: the stored
+        queue before this step's enqueue; `draw`: this step's FT draws (None or empty: FT changed nothing)."""
+        if self.rows >= self.capacity:
+            raise RuntimeError("ScoreRecorder.observe called again before commit(): one observe per step")
+        num_neg = queue.shape[0]
+        if isinstance(out, NegStats):
+            pos, neg = rowdot(q_hat, k_hat), out
+        else:
+            pos, neg = scores_from_logits(out, self.temperature, self.neg_bins)
+        self._add(0, pos, neg, num_neg)
+        if len(self.features) > 1:
+            transformed = draw is not None and (draw.lam_p is not None or draw.perm is not None)
+            if transformed:
+                pos, neg = rowdot(q, k), neg_stats(q.float() @ queue.float().t(), self.temperature, self.neg_bins)
+            self._add(1, pos, neg, num_neg)
+        self.rows += 1
+
+    def _add(self, feat: int, pos: torch.Tensor, neg: NegStats, num_neg: int) -> None:
+        self.means[self.rows, feat] = batch_means(pos, neg, num_neg, self.temperature)
+        self.hists[feat, 0] += count_bins(pos, self.pos_bins)
+        self.hists[feat, 1] += neg.hist
+
+    def commit(self, step: int, epoch: int) -> None:
+        """The step just observed finished as optimizer step `step` of (0-based) `epoch`; flushes when full."""
+        if self.rows != len(self.steps) + 1:
+            raise RuntimeError(f"ScoreRecorder.commit(step {step}) without a matching observe()")
+        self.steps.append(step)
+        self.epochs.append(epoch)
+        if self.rows == self.capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move the accumulated chunk to the host (the one sync), write it, and start the next one."""
+        if not self.steps:
+            return
+        means, hists = self.means[:self.rows], self.hists.clone()
+        if is_dist() and world_size() > 1:
+            means = means.contiguous()
+            dist.all_reduce(means)
+            means /= world_size()
+            dist.all_reduce(hists)
+        means, hists = means.cpu().numpy(), hists.cpu().numpy()
+        chunk = Chunk(np.asarray(self.steps, dtype=np.int64), np.asarray(self.epochs, dtype=np.int64),
+                      {f: means[:, i].copy() for i, f in enumerate(self.features)},
+                      {f: hists[i] for i, f in enumerate(self.features)})
+        epoch, last = self.epochs[-1], self.steps[-1]
+        self.rows, self.steps, self.epochs = 0, [], []
+        self.hists.zero_()
+        if self.store is not None:
+            self.store.append(chunk, epoch)
+        if self.metrics is not None:
+            self._log(chunk, last, epoch)
+
+    def _log(self, chunk: Chunk, step: int, epoch: int) -> None:
+        """Interval means to metrics.jsonl / TensorBoard scalars, and the histograms to TensorBoard."""
+        record: dict = {"kind": "scores", "step": step, "epoch": epoch}
+        for feat, m in chunk.means.items():
+            prefix = "" if feat == "ft" else f"{feat}_"
+            for j, name in enumerate(SERIES):
+                record[prefix + name] = float(m[:, j].mean())
+        self.metrics.log(record)
+        for feat, h in chunk.hists.items():
+            self.metrics.histogram(f"scores/{feat}_pos", self.pos_bins.edges(), h[0], step)
+            self.metrics.histogram(f"scores/{feat}_neg", self.neg_bins.edges(), h[1], step)
+
+
+# -- reading --------------------------------------------------------------------------------------------------
+@dataclass
+class RunScores:
+    """Everything one run logged, concatenated in step order."""
+    run_dir: Path
+    temperature: float
+    pos_bins: BinSpec
+    neg_bins: BinSpec
+    steps: np.ndarray  # [S]
+    epochs: np.ndarray  # [S]
+    series: dict[str, np.ndarray] = field(default_factory=dict)  # "ft_neg_var" -> [S]; NaN where not logged
+    chunk_first: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [C]
+    chunk_last: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [C]
+    chunk_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [C]
+    hists: dict[str, np.ndarray] = field(default_factory=dict)  # "ft_pos" -> [C, nbins]; 0 where not logged
+
+    def has(self, feature: str) -> bool:
+        """Whether any chunk logged `feature` ("ft" or "raw")."""
+        return bool(np.isfinite(self.series[f"{feature}_pos_mean"]).any())
+
+    def bins_key(self) -> tuple:
+        return (self.pos_bins, self.neg_bins)
+
+
+def read_scores(run_dir: str | Path) -> RunScores:
+    """The score statistics of a run folder, or ScoresError saying what is missing."""
+    run_dir = Path(run_dir)
+    folder = run_dir / FOLDER
+    if not run_dir.is_dir():
+        raise ScoresError(f"run folder {run_dir} does not exist")
+    if not (folder / INDEX).is_file():
+        raise ScoresError(f"{run_dir} has no score statistics yet ({folder / INDEX} does not exist): train it with "
+                          f"scores.enabled=true and let it reach a flush (every scores.flush_every steps and at "
+                          f"each epoch end)")
+    index = _read_index(folder)
+    if not index["chunks"]:
+        raise ScoresError(f"{run_dir} has no score statistics yet ({folder / INDEX} lists no chunks): let the "
+                          f"run reach a flush (every scores.flush_every steps and at each epoch end)")
+    pos_bins, neg_bins = BinSpec(*index["bins"]["pos"]), BinSpec(*index["bins"]["neg"])
+    chunks = []
+    for c in index["chunks"]:
+        path = folder / c["file"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                chunks.append({k: z[k] for k in z.files})
+        except (OSError, ValueError) as e:
+            raise ScoresError(f"score chunk {path} (listed in {folder / INDEX}) cannot be read: {e}") from e
+    out = RunScores(run_dir, float(index["temperature"]), pos_bins, neg_bins,
+                    np.concatenate([z["step"] for z in chunks]), np.concatenate([z["epoch"] for z in chunks]))
+    for feat in FEATURES:
+        for name in SERIES:
+            key = f"{feat}_{name}"
+            out.series[key] = np.concatenate([z[key].astype(np.float64) if key in z
+                                              else np.full(len(z["step"]), np.nan) for z in chunks])
+        for kind, bins in (("pos", pos_bins), ("neg", neg_bins)):
+            key = f"{feat}_hist_{kind}"
+            out.hists[f"{feat}_{kind}"] = np.stack([z[key] if key in z else np.zeros(bins.n, np.int64)
+                                                    for z in chunks])
+    out.chunk_first = np.array([c["first_step"] for c in index["chunks"]], dtype=np.int64)
+    out.chunk_last = np.array([c["last_step"] for c in index["chunks"]], dtype=np.int64)
+    out.chunk_epoch = np.array([c["epoch"] for c in index["chunks"]], dtype=np.int64)
+    return out

@@ -1,0 +1,278 @@
+"""The post-crop steps of the augmentation spec as numba kernels on one uint8 HWC view.
+
+The same semantics as batch_augment.py (torchvision's, see there), computed in float32 on the CPU inside the
+loader's threads: FFCV runs them as a jitted pipeline stage, so the colour ops overlap decoding and never
+touch the Python interpreter. numba arrives with the `ffcv` extra; this module imports it on first use.
+
+A view's random draws are one row of PARAMS floats (drawn by `draw_params`); `program` lists the step codes
+in spec order, so MoCo v1 (grayscale before jitter) and v2 (jitter before grayscale) share one kernel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .augment import AUG_SPECS, blur_kernel_size
+
+JITTER, GRAY, BLUR, FLIP = 1, 2, 3, 4
+_CODES = {"color_jitter": JITTER, "grayscale": GRAY, "gaussian_blur": BLUR, "horizontal_flip": FLIP}
+# Row layout of one view's parameters.
+P_JITTER, P_B, P_C, P_S, P_H, P_ORDER, P_GRAY, P_BLUR, P_SIGMA, P_FLIP = 0, 1, 2, 3, 4, 5, 9, 10, 11, 12
+PARAMS = 13
+
+
+def program(aug: str) -> np.ndarray:
+    """Step codes after the crop, in spec order."""
+    return np.array([_CODES[s.name] for s in AUG_SPECS[aug][1:]], dtype=np.int64)
+
+
+def step_table(aug: str) -> np.ndarray:
+    """[probability, a, b, c, d] per step code (index = code): what draw_params samples from, as plain numbers
+    so a jitted function can take it as an argument."""
+    table = np.zeros((5, 5), dtype=np.float64)
+    for s in AUG_SPECS[aug][1:]:
+        code = _CODES[s.name]
+        table[code, 0] = s.p
+        if s.name == "color_jitter":
+            table[code, 1:5] = [s.params["brightness"], s.params["contrast"], s.params["saturation"], s.params["hue"]]
+        elif s.name == "gaussian_blur":
+            table[code, 1:3] = s.params["sigma"]
+    return table
+
+
+def draw_params_np(n: int, table: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[n, PARAMS] random draws for n views (numpy; the jitted twin is `draw_params` below)."""
+    out = np.zeros((n, PARAMS), dtype=np.float32)
+    j = table[JITTER]
+    out[:, P_JITTER] = rng.random(n) < j[0]
+    for col, mag in ((P_B, j[1]), (P_C, j[2]), (P_S, j[3])):
+        out[:, col] = rng.uniform(max(0.0, 1 - mag), 1 + mag, n)
+    out[:, P_H] = rng.uniform(-j[4], j[4], n)
+    out[:, P_ORDER:P_ORDER + 4] = np.argsort(rng.random((n, 4)), axis=1)
+    out[:, P_GRAY] = rng.random(n) < table[GRAY, 0]
+    out[:, P_BLUR] = rng.random(n) < table[BLUR, 0]
+    out[:, P_SIGMA] = rng.uniform(table[BLUR, 1], table[BLUR, 2], n) if table[BLUR, 0] > 0 else 1.0
+    out[:, P_FLIP] = rng.random(n) < table[FLIP, 0]
+    return out
+
+
+def _kernels():
+    """Compile on first use (numba is optional, and compiling costs seconds)."""
+    import numba
+
+    jit = numba.njit(cache=True, fastmath=True, nogil=True)  # cached on disk: compiling costs seconds
+
+    @jit
+    def draw_params(table, out):
+        for i in range(out.shape[0]):
+            j = table[JITTER]
+            out[i, P_JITTER] = 1.0 if np.random.random() < j[0] else 0.0
+            for col, k in ((P_B, 1), (P_C, 2), (P_S, 3)):
+                lo = max(0.0, 1.0 - j[k])
+                out[i, col] = lo + (1.0 + j[k] - lo) * np.random.random()
+            out[i, P_H] = -j[4] + 2.0 * j[4] * np.random.random()
+            perm = np.argsort(np.random.random(4))
+            for q in range(4):
+                out[i, P_ORDER + q] = perm[q]
+            out[i, P_GRAY] = 1.0 if np.random.random() < table[GRAY, 0] else 0.0
+            out[i, P_BLUR] = 1.0 if np.random.random() < table[BLUR, 0] else 0.0
+            out[i, P_SIGMA] = table[BLUR, 1] + (table[BLUR, 2] - table[BLUR, 1]) * np.random.random()
+            out[i, P_FLIP] = 1.0 if np.random.random() < table[FLIP, 0] else 0.0
+
+    # The image lives in three float planes [3, h*w] so that every op is a loop over contiguous floats that
+    # LLVM vectorises (a per-pixel interpreter of the op chain ran ~10x slower). Each op clips to [0, 255]
+    # like torchvision's, and branches are written as selects so the hue loop vectorises too.
+    @jit
+    def brightness(x, f):
+        for c in range(3):
+            xc = x[c]
+            for p in range(xc.shape[0]):
+                xc[p] = min(255.0, f * xc[p])
+
+    @jit
+    def mean_grey(x):
+        acc = np.float32(0.0)
+        r, g, b = x[0], x[1], x[2]
+        for p in range(r.shape[0]):
+            acc += np.float32(0.299) * r[p] + np.float32(0.587) * g[p] + np.float32(0.114) * b[p]
+        return acc / r.shape[0]
+
+    @jit
+    def blend(x, f, towards_grey_of_pixel, const):
+        """x <- clip(f x + (1 - f) y), y = the pixel's own grey (saturation) or `const` (contrast's mean)."""
+        r, g, b = x[0], x[1], x[2]
+        for p in range(r.shape[0]):
+            y = np.float32(0.299) * r[p] + np.float32(0.587) * g[p] + np.float32(0.114) * b[p] \
+                if towards_grey_of_pixel else const
+            base = (1.0 - f) * y
+            r[p] = min(255.0, max(0.0, f * r[p] + base))
+            g[p] = min(255.0, max(0.0, f * g[p] + base))
+            b[p] = min(255.0, max(0.0, f * b[p] + base))
+
+    @jit
+    def grayscale(x):
+        r, g, b = x[0], x[1], x[2]
+        for p in range(r.shape[0]):
+            y = np.float32(0.299) * r[p] + np.float32(0.587) * g[p] + np.float32(0.114) * b[p]
+            r[p] = y
+            g[p] = y
+            b[p] = y
+
+    @jit
+    def _wrap6(t):
+        return t - np.float32(6.0) * np.floor(t * np.float32(1.0 / 6.0))
+
+    @jit
+    def _channel(vmax, chroma, t):
+        return vmax - chroma * min(np.float32(1.0), max(np.float32(0.0), min(t, np.float32(4.0) - t)))
+
+    @jit
+    def hue(x, h):
+        r, g, b = x[0], x[1], x[2]
+        shift = np.float32(6.0 * h)
+        for p in range(r.shape[0]):
+            rp, gp, bp = r[p], g[p], b[p]
+            vmax = max(rp, max(gp, bp))
+            chroma = vmax - min(rp, min(gp, bp))
+            inv = np.float32(1.0) / max(chroma, np.float32(1e-12))
+            hue6 = (gp - bp) * inv if vmax == rp else ((bp - rp) * inv + np.float32(2.0) if vmax == gp
+                                                       else (rp - gp) * inv + np.float32(4.0))
+            hue6 += shift  # a grey pixel (chroma 0) comes out unchanged whatever its hue6
+            r[p] = _channel(vmax, chroma, _wrap6(hue6 + np.float32(5.0)))
+            g[p] = _channel(vmax, chroma, _wrap6(hue6 + np.float32(3.0)))
+            b[p] = _channel(vmax, chroma, _wrap6(hue6 + np.float32(1.0)))
+
+    @jit
+    def blur(x, h, w, sigma, size):
+        """Separable Gaussian on each plane, reflect padding (as torchvision). Taps beyond 5 sigma (weight
+        < 4e-6 of the centre) are left out: they cannot move a uint8 value."""
+        half = min(size // 2, int(np.ceil(5.0 * sigma)))
+        taps = 2 * half + 1
+        k = np.empty(taps, dtype=np.float32)
+        for t in range(taps):
+            d = (t - half) / sigma
+            k[t] = np.exp(-0.5 * d * d)
+        k /= k.sum()
+        row = np.empty(w + 2 * half, dtype=np.float32)
+        tmp = np.empty(h * w, dtype=np.float32)
+        acc = np.empty(w, dtype=np.float32)
+        for c in range(3):
+            xc = x[c]
+            for i in range(h):  # horizontal: pad the row by reflection, then contiguous multiply-adds
+                base = i * w
+                for j in range(w + 2 * half):
+                    jj = j - half
+                    jj = -jj if jj < 0 else (2 * w - 2 - jj if jj >= w else jj)
+                    row[j] = xc[base + jj]
+                for j in range(w):
+                    acc[j] = 0.0
+                for t in range(taps):
+                    kt = k[t]
+                    for j in range(w):
+                        acc[j] += kt * row[j + t]
+                tmp[base:base + w] = acc
+            for i in range(h):  # vertical
+                for j in range(w):
+                    acc[j] = 0.0
+                for t in range(taps):
+                    ii = i + t - half
+                    ii = -ii if ii < 0 else (2 * h - 2 - ii if ii >= h else ii)
+                    kt = k[t]
+                    src = ii * w
+                    for j in range(w):
+                        acc[j] += kt * tmp[src + j]
+                xc[i * w:(i + 1) * w] = acc
+
+    @jit
+    def augment_view(src, dst, prm, prog, blur_size):
+        """uint8 HWC src -> dst (may be src) through the steps of `prog`, with the draws in `prm`."""
+        h, w = src.shape[0], src.shape[1]
+        x = np.empty((3, h * w), dtype=np.float32)
+        for i in range(h):
+            for j in range(w):
+                for c in range(3):
+                    x[c, i * w + j] = src[i, j, c]
+        flip = False
+        for code in prog:
+            if code == JITTER and prm[P_JITTER] > 0.5:
+                for q in range(4):
+                    op = int(prm[P_ORDER + q])
+                    f = np.float32(prm[P_B + op])
+                    if op == 0:
+                        brightness(x, f)
+                    elif op == 1:
+                        blend(x, f, False, mean_grey(x))  # torchvision's pivot: the image's mean grey
+                    elif op == 2:
+                        blend(x, f, True, np.float32(0.0))
+                    else:
+                        hue(x, f)
+            elif code == GRAY and prm[P_GRAY] > 0.5:
+                grayscale(x)
+            elif code == BLUR and prm[P_BLUR] > 0.5:
+                blur(x, h, w, prm[P_SIGMA], blur_size)
+            elif code == FLIP and prm[P_FLIP] > 0.5:
+                flip = True
+        for i in range(h):
+            for j in range(w):
+                jj = w - 1 - j if flip else j
+                for c in range(3):
+                    dst[i, jj, c] = np.uint8(min(np.float32(255.0), max(np.float32(0.0), x[c, i * w + j]))
+                                             + np.float32(0.5))
+
+    @jit
+    def seed(s):
+        np.random.seed(s)  # numba's generator of the calling thread, which is the one draw_params uses
+
+    @numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
+    def augment_batch(views, table, prog, blur_size):
+        """In place on uint8 [B, H, W, 3], one independent draw per view, views spread over numba's threads."""
+        prm = np.empty((views.shape[0], PARAMS), dtype=np.float32)
+        draw_params(table, prm)
+        for i in numba.prange(views.shape[0]):
+            augment_view(views[i], views[i], prm[i], prog, blur_size)
+
+    return draw_params, augment_view, augment_batch, seed
+
+
+_COMPILED = None
+
+
+def kernels():
+    """(draw_params, augment_view, augment_batch, seed), compiled once per process."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = _kernels()
+    return _COMPILED
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numba") is not None
+
+
+def seed(value: int) -> None:
+    """Seed the draws of augment_batch calls made from this thread."""
+    kernels()[3](value % (2 ** 32))
+
+
+def augment_batch(views: np.ndarray, aug: str, image_size: int, threads: int = 0) -> None:
+    """The spec's post-crop steps on uint8 [B, H, W, 3] in place, in parallel (numba threads)."""
+    import numba
+
+    if threads > 0:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    kernels()[2](views, step_table(aug), program(aug), blur_kernel_size(image_size))
+
+
+def augment_views_np(views: np.ndarray, aug: str, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> augmented copy, serially (tests and tools; loaders call the kernel themselves)."""
+    augment_view = kernels()[1]
+    prm = draw_params_np(len(views), step_table(aug), rng)
+    out = np.empty_like(views)
+    prog = program(aug)
+    for i in range(len(views)):
+        augment_view(views[i], out[i], prm[i], prog, blur_kernel_size(image_size))
+    return out
+
+
+__all__ = ["program", "step_table", "draw_params_np", "kernels", "seed", "augment_batch", "augment_views_np", "PARAMS"]

@@ -1,0 +1,311 @@
+"""`fastft-convert-dataset SRC OUT.beton`: an ImageFolder tree or a built-in dataset -> an FFCV .beton file.
+
+    fastft-convert-dataset /data/imagenet/train /data/in1k_train.beton
+    fastft-convert-dataset /data/imagenet/train /data/in100_train.beton --subset configs/imagenet100.txt
+    fastft-convert-dataset builtin:digits digits_val.beton --split val
+
+Written to OUT.beton.tmp and renamed into place when complete, so an interrupted run never leaves an OUT.beton
+that a later run would trust. Beside it, OUT.beton.json records the class names (labels are their index in
+sorted order, as torchvision's ImageFolder), each sample's source file and any samples skipped as unreadable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import _thread
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WRITE_MODES = ("smart", "raw", "jpg", "proportion")
+META_FORMAT = "fastft-beton/1"  # the same string as ffcv_loader.META_FORMAT (which imports ffcv)
+
+
+class ConvertError(RuntimeError):
+    """A source or destination problem, reported with the path and what is valid."""
+
+
+@dataclass
+class Source:
+    root: Path
+    classes: list[str]
+    files: list[str]  # relative to root
+    labels: list[int]
+    empty_classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    written: int
+    skipped: list[tuple[str, str]]  # (path, why)
+    classes: int
+    seconds: float
+
+
+def resolve_source(src: str, split: str, cache_dir: str) -> Path:
+    """The class-folder root that SRC names: a folder, or `builtin:NAME` materialised and its `split`."""
+    from .builtin import is_builtin, materialize
+
+    if is_builtin(src):
+        root = materialize(src, cache_dir) / split
+        if not root.is_dir():
+            raise ConvertError(f"{src}: no split {split!r}; valid: train, val")
+        return root
+    root = Path(src).expanduser()
+    if not root.exists():
+        raise ConvertError(f"{src}: no such folder (expected an ImageFolder split such as /data/imagenet/train "
+                           f"holding one folder per class, or builtin:digits)")
+    if not root.is_dir():
+        raise ConvertError(f"{src}: is a file, not a folder of class folders")
+    return root
+
+
+def scan(root: Path, subset: list[str] | None = None, allow_empty: bool = False) -> Source:
+    """Class folders (sorted, optionally only `subset`) and their image files, by extension."""
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subset is not None:
+        missing = [c for c in subset if c not in present]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ConvertError(f"{root}: {len(missing)} classes of the subset have no folder: {shown}")
+        classes = sorted(set(subset))
+    else:
+        classes = present
+    if not classes:
+        raise ConvertError(f"{root}: holds no class folders (expected {root}/<class>/<image files>)")
+    files, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        images = sorted(str(p.relative_to(root)) for p in (root / name).rglob("*")
+                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            empty.append(name)
+        files += images
+        labels += [label] * len(images)
+    if empty and not allow_empty:
+        raise ConvertError(f"{root / empty[0]}: class folder holds no images (extensions: "
+                           f"{', '.join(IMAGE_EXTENSIONS)})" + (f"; {len(empty) - 1} more empty classes"
+                                                                if len(empty) > 1 else "")
+                           + " (--skip-bad converts anyway)")
+    return Source(root, classes, files, labels, empty)
+
+
+class _Images:
+    """The indexable dataset FFCV's writer workers read: (uint8 HxWx3, label).
+
+    A file that fails to decode must not raise here: ffcv's writer then waits forever for the dead worker.
+    It is logged (index, path, error) to a per-process file and a 1x1 placeholder is written instead; the
+    caller turns the log into an error or, with --skip-bad, into the sidecar's list of skipped samples.
+    """
+
+    def __init__(self, source: Source, log_dir: str):
+        self.root, self.files, self.labels, self.log_dir = str(source.root), source.files, source.labels, log_dir
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path = os.path.join(self.root, self.files[i])
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except Exception as e:  # PIL raises many types; the path and the reason are what the user needs
+            with open(os.path.join(self.log_dir, f"bad-{os.getpid()}.tsv"), "a") as log:
+                log.write(f"{i}\t{path}\t{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n")
+            arr = np.zeros((1, 1, 3), dtype=np.uint8)
+        return arr, self.labels[i]
+
+
+def _read_bad(log_dir: str) -> dict[int, tuple[str, str]]:
+    bad = {}
+    for log in Path(log_dir).glob("bad-*.tsv"):
+        for line in log.read_text().splitlines():
+            i, path, why = line.split("\t", 2)
+            bad[int(i)] = (path, why)
+    return bad
+
+
+def _dead_children() -> list[tuple[int, str]]:
+    """Child processes that have exited with an error, found without reaping them (WNOWAIT), so that
+    multiprocessing's own bookkeeping is untouched; a worker that dies at once is caught too."""
+    import psutil  # comes with ffcv
+
+    dead = []
+    for child in psutil.Process().children():
+        try:
+            info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            continue
+        if info is not None and not (info.si_code == os.CLD_EXITED and info.si_status == 0):
+            how = f"exit code {info.si_status}" if info.si_code == os.CLD_EXITED else f"signal {info.si_status}"
+            dead.append((child.pid, how))
+    return dead
+
+
+# Set by the CLI's SIGINT/SIGTERM handler. Its KeyboardInterrupt can land in code that swallows exceptions
+# (fork handlers while ffcv starts its workers), so the watcher keeps re-raising until the main thread acts.
+_INTERRUPTED = threading.Event()
+
+
+def _watch_workers(stop: threading.Event, died: list) -> None:
+    """Interrupt the main thread if a writer worker dies (killed, out of memory): ffcv would wait forever.
+    Also repeat a signal's interrupt until the main thread has taken it."""
+    while not stop.wait(0.2):
+        if _INTERRUPTED.is_set():
+            _thread.interrupt_main()
+            continue
+        dead = _dead_children()
+        if dead and not stop.is_set():
+            died.extend(dead)
+            _thread.interrupt_main()
+            return
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def convert(src: str, out: str | Path, *, split: str = "train", subset: str | None = None,
+            max_resolution: int | None = None, jpeg_quality: int = 90, compress_probability: float = 0.5,
+            write_mode: str = "smart", smart_threshold: int = 64 * 64 * 3, num_workers: int = 0,
+            force: bool = False, skip_bad: bool = False, cache_dir: str = "~/.cache/fastft") -> ConvertResult:
+    """Convert SRC to OUT (see the module doc). Raises ConvertError naming the path at fault."""
+    from .ffcv_loader import write_beton
+    from .imagefolder import read_class_list
+
+    out = Path(out).expanduser()
+    if write_mode not in WRITE_MODES:
+        raise ConvertError(f"--write-mode {write_mode!r}: valid: {', '.join(WRITE_MODES)}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ConvertError(f"--jpeg-quality {jpeg_quality}: valid range is 1..100")
+    if not 0.0 <= compress_probability <= 1.0:
+        raise ConvertError(f"--compress-probability {compress_probability}: valid range is 0..1")
+    if max_resolution is not None and max_resolution < 1:
+        raise ConvertError(f"--max-resolution {max_resolution}: must be a positive number of pixels")
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConvertError(f"{out.parent}: no such folder to write {out.name} into")
+    root = resolve_source(src, split, cache_dir)
+    if subset is not None and not Path(subset).is_file():
+        raise ConvertError(f"--subset {subset}: no such file (one class folder name per line)")
+    source = scan(root, read_class_list(subset) if subset else None, allow_empty=skip_bad)
+    if not source.files:
+        raise ConvertError(f"{root}: no image files in its class folders")
+
+    tmp, meta_tmp = Path(f"{out}.tmp"), Path(f"{out}.json.tmp")
+    workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
+    start = time.time()
+    log_dir = tempfile.mkdtemp(prefix=".fastft-convert-", dir=out.parent)
+    stop, died = threading.Event(), []
+    watcher = threading.Thread(target=_watch_workers, args=(stop, died), daemon=True)
+    try:
+        watcher.start()
+        try:
+            write_beton(tmp, _Images(source, log_dir), write_mode=write_mode, max_resolution=max_resolution,
+                        jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                        smart_threshold=smart_threshold, num_workers=min(workers, len(source.files)))
+        except BaseException as e:
+            stop.set()
+            for p in multiprocessing.active_children():  # the writer's workers: they must not outlive us
+                p.terminate()
+            if died and isinstance(e, KeyboardInterrupt):
+                raise ConvertError(f"a conversion worker died (pid {died[0][0]}, {died[0][1]}; out of memory?); "
+                                   f"nothing written to {out}") from None
+            raise
+        finally:
+            stop.set()
+        if _INTERRUPTED.is_set():  # the interrupt was swallowed somewhere: still, do not publish the output
+            raise KeyboardInterrupt
+        bad = _read_bad(log_dir)
+        if bad and not skip_bad:
+            lines = "\n".join(f"  {path}: {why}" for _, (path, why) in sorted(bad.items())[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ConvertError(f"{len(bad)} file(s) are not readable images:\n{lines}{more}\n"
+                               f"nothing written to {out}; pass --skip-bad to skip and count them")
+        meta = {"format": META_FORMAT, "source": src, "root": str(source.root), "split": split,
+                "classes": source.classes, "files": source.files, "bad": sorted(bad),
+                "empty_classes": source.empty_classes, "write_mode": write_mode,
+                "max_resolution": max_resolution, "jpeg_quality": jpeg_quality}
+        meta_tmp.write_text(json.dumps(meta))
+        _remove(Path(f"{out}.json"))  # never pair a new .beton with an old sidecar
+        os.replace(tmp, out)
+        os.replace(meta_tmp, Path(f"{out}.json"))
+    finally:
+        _remove(tmp, meta_tmp)
+        shutil.rmtree(log_dir, ignore_errors=True)
+    skipped = [v for _, v in sorted(bad.items())]
+    return ConvertResult(out, len(source.files) - len(bad), skipped, len(source.classes), time.time() - start)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastft-convert-dataset", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="ImageFolder split (one folder per class), or builtin:digits")
+    p.add_argument("out", help="the .beton file to write (OUT.beton.json is written beside it)")
+    p.add_argument("--split", default="train", help="split of a builtin: dataset (train | val); default train")
+    p.add_argument("--subset", metavar="CLASSLIST", help="keep only the classes listed in this file "
+                   "(one folder name per line, # comments), e.g. configs/imagenet100.txt")
+    p.add_argument("--max-resolution", type=int, default=None,
+                   help="shrink images whose longer side exceeds this (default: keep their own resolution)")
+    p.add_argument("--write-mode", default="smart", choices=WRITE_MODES,
+                   help="raw pixels, jpg, proportion (jpg with --compress-probability) or smart (default: jpg "
+                        "for images over 64x64, raw for smaller ones)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for compressed images (default 90)")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="share of images stored as JPEG with --write-mode proportion (default 0.5)")
+    p.add_argument("--num-workers", type=int, default=0, help="writer processes (default: one per CPU core)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) unreadable files and empty class folders instead of stopping")
+    p.add_argument("--cache-dir", default="~/.cache/fastft", help="where built-in datasets are materialised")
+    return p
+
+
+def _on_signal(signum, frame):  # Ctrl-C, or a job scheduler's kill: clean up the same way
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # keep "ignored" when a shell set it so
+        signal.signal(signal.SIGINT, _on_signal)
+    try:
+        r = convert(args.src, args.out, split=args.split, subset=args.subset, max_resolution=args.max_resolution,
+                    jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                    write_mode=args.write_mode, num_workers=args.num_workers, force=args.force,
+                    skip_bad=args.skip_bad, cache_dir=args.cache_dir)
+    except ConvertError as e:
+        print(f"fastft-convert-dataset: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastft-convert-dataset: interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
+    size = r.out.stat().st_size / 2**20
+    print(f"wrote {r.written} images of {r.classes} classes to {r.out} ({size:.1f} MiB) in {r.seconds:.1f} s"
+          + (f"; skipped {len(r.skipped)} unreadable" if r.skipped else ""))
+    for path, why in r.skipped[:10]:
+        print(f"  skipped {path}: {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU check for fastft: a few minutes on ONE H100/H200 with only torch, torchvision and triton installed
+# (no DALI, no FFCV, no internet). Run from anywhere:  bash scripts/gpu_check.sh
+#
+#   1. environment      GPU, driver, Python / torch / triton versions
+#   2. install          pip install --no-deps --no-build-isolation -e .   (uses the torch/triton it finds;
+#                       SKIP_INSTALL=1 skips it)
+#   3. kernel tests     tests/test_kernel_triton.py compiled on CUDA (GPU tolerances), when pytest is installed
+#   4. kernel check     scripts/gpu_check_kernels.py check: compiled kernels vs float64, small to K = 2^20
+#   5. kernel bench     scripts/gpu_check_kernels.py bench: fwd+bwd ms and peak memory, Triton vs torch
+#   6. model/train      (placeholder for fastft-bench, see the marked section below)
+#
+# Every step has its own time limit so that the whole script stays under 8 minutes; a step that fails does not
+# stop the others. With $OUT set (the device runner sets it), the log, kernel_bench.json and kernel_bench.md
+# land there. Exit status: 0 when every step passed.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+START=$(date +%s)
+OUT_DIR=${OUT:-}
+FAILED=()
+unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU-only machines
+
+if [ -n "$OUT_DIR" ]; then
+    mkdir -p "$OUT_DIR"
+    exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+fi
+
+elapsed() { echo $(( $(date +%s) - START )); }
+section() { echo; echo "=== $* (t = $(elapsed) s) ==="; }
+# step NAME SECONDS CMD...: run CMD under a time limit; record a failure without stopping the script.
+step() {
+    local name=$1 limit=$2; shift 2
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        [ $rc -eq 124 ] && echo "--- $name: timed out after ${limit} s" || echo "--- $name: exit status $rc"
+        FAILED+=("$name")
+    fi
+    return $rc
+}
+
+section "1. environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+if ! $PY - <<'EOF'
+import platform, sys, torch, triton
+print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}")
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+then
+    echo "gpu_check: needs a CUDA device (on the CPU, run: make test)"
+    exit 2
+fi
+
+section "2. install"
+# Editable, no dependencies, no build isolation: nothing is fetched. If it fails (e.g. no setuptools), the
+# kernel helper still imports kernels/ from the checkout (only the pytest step needs the install).
+if [ "${SKIP_INSTALL:-0}" = 1 ]; then
+    echo "SKIP_INSTALL=1: using whatever is installed"
+elif ! timeout 60 $PY -m pip install --quiet --no-deps --no-build-isolation -e .; then
+    echo "install failed: the kernel check and benchmark import kernels/ from the checkout"
+fi
+
+section "3. kernel tests (pytest, compiled)"
+if ! $PY -c "import pytest" 2>/dev/null; then
+    echo "pytest is not installed here: skipped (step 4 runs the same comparisons without it)"
+elif ! $PY -c "import fastft.kernels" 2>/dev/null; then
+    echo "fastft is not installed (step 2 failed): skipped"
+else
+    step kernel-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernel_triton.py
+fi
+
+section "4. kernel check (compiled vs float64)"
+step kernel-check 120 $PY scripts/gpu_check_kernels.py check
+
+section "5. kernel benchmark"
+# --budget-s: no new measurement starts after that many seconds; the table marks what was skipped.
+step kernel-bench 140 $PY scripts/gpu_check_kernels.py bench --budget-s 100 ${OUT_DIR:+--out "$OUT_DIR"}
+
+# =============================================================================================================
+# 6. MODEL / TRAIN BENCHMARK (fastft-bench): owned by the bench engineer; append its commands here, e.g.
+#
+#   section "6. model/train benchmark"
+#   step bench-model 120 $PY -m fastft.bench model ...
+#
+# Keep the total under 8 minutes: steps 1-5 take at most ~7.5 minutes (their limits), usually much less.
+# =============================================================================================================
+
+section "done"
+if [ ${#FAILED[@]} -eq 0 ]; then
+    echo "gpu_check: all steps passed in $(elapsed) s"
+    exit 0
+fi
+echo "gpu_check: FAILED steps: ${FAILED[*]} ($(elapsed) s)"
+exit 1

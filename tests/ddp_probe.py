@@ -1,0 +1,66 @@
+"""Run under torchrun by tests/test_distributed.py (or as one plain process for the reference side).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_probe.py MODE OUT_DIR [overrides...]
+
+Each rank saves what it saw to OUT_DIR/probe_rank{R}.pt for the test to compare across ranks.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import fastft.moco as moco_module  # noqa: E402
+from fastft import distributed as D  # noqa: E402
+from fastft.config import load_config  # noqa: E402
+from fastft.train import Trainer  # noqa: E402
+
+
+def probe_train(out: Path, overrides: list[str]) -> dict:
+    """Train a few steps; record every (local keys, gathered keys) pair the queue was fed."""
+    trainer = Trainer(load_config(None, overrides))
+    fed = []
+    real_gather = moco_module.all_gather_cat
+
+    def spy(k):
+        gathered = real_gather(k)
+        fed.append((k.detach().clone(), gathered.clone()))
+        return gathered
+
+    moco_module.all_gather_cat = spy
+    queue0 = trainer.model.queue.clone()
+    trainer.loader.set_epoch(0)
+    indices = list(iter(trainer.loader.sampler))
+    n_batches = len(trainer.loader)
+    trainer.run()
+    ids = torch.arange(3) + 100 * D.rank()  # shuffle-BN round trip on recognisable values
+    shuffled, undo = D.batch_shuffle(ids.float())
+    return {
+        # Parameters only: BN running statistics are per rank (local batches), as in MoCo.
+        "params": {k: v.detach().clone() for k, v in trainer.model.encoder_q.named_parameters()},
+        "queue": trainer.model.queue.clone(), "ptr": int(trainer.model.queue_ptr), "queue0": queue0,
+        "local": [a for a, _ in fed], "gathered": [b for _, b in fed], "indices": indices, "n_batches": n_batches,
+        "ids": ids, "shuffled": shuffled, "unshuffled": D.batch_unshuffle(shuffled, undo),
+        "world": D.world_size(),
+    }
+
+
+def probe_equivalence(out: Path, overrides: list[str]) -> dict:
+    """First step on the same 2B inputs split across ranks; loss and encoder_q gradients."""
+    trainer = Trainer(load_config(None, overrides + ["model.key_bn=sync", "ft.share_lambdas=true"]))
+    g = torch.Generator().manual_seed(1234)
+    x1, x2 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+    b = 8 // D.world_size()
+    mine = slice(D.rank() * b, (D.rank() + 1) * b)
+    loss, _, _ = trainer.net(x1[mine], x2[mine], 0)
+    loss.backward()
+    return {"loss": D.all_reduce_mean(loss.detach()),
+            "grads": {n: p.grad.clone() for n, p in trainer.model.encoder_q.named_parameters()}}
+
+
+if __name__ == "__main__":
+    mode, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    result = {"train": probe_train, "equivalence": probe_equivalence}[mode](out, overrides)
+    torch.save(result, out / f"probe_{mode}_w{D.world_size()}_rank{D.rank()}.pt")
+    D.cleanup()

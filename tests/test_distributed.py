@@ -1,0 +1,150 @@
+"""DDP on the CPU with gloo: torchrun with 2 processes, 2 "nodes" on 127.0.0.1, elastic restart."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fastft import checkpoint as ckpt_io
+from fastft.metrics import read_metrics
+
+ROOT = Path(__file__).parent.parent
+PROBE = str(Path(__file__).parent / "ddp_probe.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, extra: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--rdzv_backend",
+            "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", *extra, *args]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("ddp")
+    ov = tiny_overrides(out, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 4, "model.queue_size": 20})
+    run(torchrun(PROBE, "train", str(out), *ov))
+    return [torch.load(out / f"probe_train_w2_rank{r}.pt", weights_only=False) for r in (0, 1)], out
+
+
+def test_ranks_stay_identical_and_queue_holds_gathered_keys(two_rank_run):
+    (r0, r1), out = two_rank_run
+    assert r0["world"] == r1["world"] == 2
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    assert torch.equal(r0["queue"], r1["queue"]) and r0["ptr"] == r1["ptr"] == (4 * 2 * 16) % 20
+    # Each step's gathered keys are rank 0's keys then rank 1's, and the queue is those keys written in order.
+    queue = r0["queue0"].clone()
+    ptr = 0
+    for step, (g0, g1) in enumerate(zip(r0["gathered"], r1["gathered"])):
+        assert torch.equal(g0, g1)
+        assert torch.equal(g0, torch.cat([r0["local"][step], r1["local"][step]]))
+        for row in g0:
+            queue[ptr] = row
+            ptr = (ptr + 1) % len(queue)
+    assert torch.equal(queue, r0["queue"])
+    assert ckpt_io.list_checkpoints(out)  # rank 0 wrote the checkpoint
+
+
+def test_shuffle_bn_round_trip(two_rank_run):
+    (r0, r1), _ = two_rank_run
+    for r in (r0, r1):
+        assert torch.equal(r["unshuffled"], r["ids"].float())
+    everything = torch.cat([r0["shuffled"], r1["shuffled"]]).sort().values
+    assert torch.equal(everything, torch.cat([r0["ids"], r1["ids"]]).float().sort().values)
+
+
+def test_ranks_see_disjoint_data_covering_the_epoch(two_rank_run):
+    (r0, r1), _ = two_rank_run
+    assert r0["n_batches"] == r1["n_batches"]
+    a, b = set(r0["indices"]), set(r1["indices"])
+    assert len(r0["indices"]) == len(r1["indices"]) == 719  # 1437 images, padded by one to split evenly
+    assert a | b == set(range(1437)) and len(a & b) <= 1
+
+
+def test_two_processes_equal_one_process_with_the_whole_batch(tmp_path, data_cache):
+    ov = tiny_overrides(tmp_path, data_cache, **{"model.queue_size": 20})
+    run(torchrun(PROBE, "equivalence", str(tmp_path), *ov))
+    run([sys.executable, PROBE, "equivalence", str(tmp_path), *ov])
+    one = torch.load(tmp_path / "probe_equivalence_w1_rank0.pt", weights_only=False)
+    for r in (0, 1):
+        two = torch.load(tmp_path / f"probe_equivalence_w2_rank{r}.pt", weights_only=False)
+        torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)
+        for name, g in one["grads"].items():
+            # fp32 sums in another order: compare each gradient tensor as a whole (relative L2 error)
+            err = ((two["grads"][name] - g).norm() / g.norm()).item()
+            assert err < 1e-4, (name, err)
+
+
+def test_two_nodes_rendezvous_and_train(tmp_path, data_cache):
+    port = free_port()
+    ov = tiny_overrides(tmp_path, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "fastft-test",
+           "-m", "fastft.train", "configs/demo.yaml", *ov]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert ckpt_io.load(ckpt_io.list_checkpoints(tmp_path)[0])["step"] == 2
+    assert "batch 16x2" in "".join(outputs)  # one global group of two ranks
+
+
+def worker_pid(out_dir: Path, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` training into `out_dir` (not the launcher)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+            environ = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fastft.train" in cmd and f"run.out_dir={out_dir}".encode() in cmd \
+                and b"torch.distributed.run" not in cmd and f"RANK={rank}".encode() in environ:
+            return int(p.name)
+    return None
+
+
+def test_elastic_restart_after_a_worker_dies(tmp_path, data_cache):
+    ov = tiny_overrides(tmp_path, data_cache, **{"optim.epochs": 3, "run.steps_per_epoch": 6})
+    job = subprocess.Popen(torchrun("-m", "fastft.train", "configs/demo.yaml", *ov, extra=("--max-restarts", "1")),
+                           cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and job.poll() is None:
+        steps = [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+        if ckpt_io.list_checkpoints(tmp_path) and steps and 6 < max(steps) < 12:  # mid epoch 2
+            pid = worker_pid(tmp_path, 1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed = max(steps)
+        time.sleep(0.05)
+    output = job.communicate(timeout=300)[0]
+    assert killed is not None, "never caught the job mid-epoch 2:\n" + output[-3000:]
+    assert job.returncode == 0, output[-3000:]
+    final = ckpt_io.load(ckpt_io.list_checkpoints(tmp_path)[0])
+    assert final["step"] == 3 * 6 and final["epoch"] == 3  # as an uninterrupted run
+    assert "resumed from" in output
+    losses = [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
+    assert losses == list(range(1, 19))  # the history continues where the checkpoint left off, no gaps or repeats

@@ -1,0 +1,146 @@
+"""Linear probe and standalone kNN: protocol pieces, better-than-random, exact resume, refused checkpoints."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from fastft import checkpoint as ckpt_io
+from fastft import knn as knn_cli
+from fastft import linear
+from fastft.config import load_config
+from fastft.metrics import read_metrics
+from fastft.pretrained import random_backbone
+from fastft.train import train
+
+# Pretraining budget of the shared encoder: MoCo v2 + FT, ResNet-18 small stem at 8x8, 12 steps of 64 images.
+PRETRAIN = {"optim.epochs": 1, "run.steps_per_epoch": 12, "loader.batch_size": 64, "knn.every": 1}
+# The probe every test runs unless it says otherwise: the protocol's optimiser (lr 30, batch 256) on cached
+# features for 10 epochs. A fixed budget, as the protocol's: on digits a random ResNet's features catch up
+# with this encoder's when the probe runs much longer (measured: ~0.93 for both at 30 epochs).
+PROBE = {"linear.cache_features": True, "linear.epochs": 10, "linear.milestones": "[8]", "linear.eval_every": 0}
+
+
+def cfg_for(out_dir, cache, **extra):
+    return load_config(None, tiny_overrides(out_dir, cache, **{**PRETRAIN, **PROBE, **extra}))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data_cache):
+    """One short pretraining run shared by the tests: (run dir, its final checkpoint, the run's summary)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    summary = train(cfg_for(out, data_cache))
+    return out, ckpt_io.list_checkpoints(out)[0], summary
+
+
+def test_defaults_are_the_moco_protocol():
+    lin = load_config(None).linear
+    assert (lin.epochs, lin.batch_size, lin.lr, lin.momentum, lin.weight_decay) == (100, 256, 30.0, 0.9, 0.0)
+    assert lin.milestones == [60, 80] and lin.lr_decay == 0.1 and lin.cache_features is False
+    assert [linear.lr_at_epoch(lin, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+
+
+def test_topk_correct_counts_ties_and_caps_k():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    labels = torch.tensor([0, 1, 2])
+    assert linear.topk_correct(logits, labels, (1, 2, 5)) == [1, 2, 3]  # k 5 > 3 classes: everything
+
+
+def test_linear_keys_do_not_block_pretraining_resume(tmp_path):
+    old = load_config(None).to_dict()
+    del old["linear"]  # a checkpoint written before the section existed
+    ckpt_io.check_compatible(old, load_config(None, ["linear.lr=0.1"]).to_dict(), tmp_path / "c.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="optim.lr"):
+        ckpt_io.check_compatible(old, load_config(None, ["optim.lr=0.1"]).to_dict(), tmp_path / "c.pt")
+
+
+def test_probe_beats_random_init_and_is_recorded(pretrained, data_cache, capsys):
+    out, ckpt, summary = pretrained
+    argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **{**PRETRAIN, **PROBE}),
+            "--pretrained", str(ckpt), "--compare-random-init"]
+    assert linear.main(argv) == 0
+    records = [r for r in read_metrics(out) if r["kind"] == "linear"]
+    trained = next(r for r in records if r["encoder"] == "pretrained")
+    random_init = next(r for r in records if r["encoder"] == "random_init")
+    print(f"probe top-1: trained {trained['top1']:.4f} random init {random_init['top1']:.4f}")
+    # Measured here: 0.919 vs 0.833 (0.89-0.92 vs 0.82-0.85 over four probe seeds).
+    assert trained["top1"] > random_init["top1"] + 0.02
+    assert trained["step"] == summary["step"] and trained["checkpoint"] == str(ckpt) and trained["n_val"] == 360
+    assert 0 < random_init["top1"] <= random_init["top5"] <= 1 and random_init["step"] == 0
+    text = capsys.readouterr().out
+    assert f"trained {trained['top1']:.4f} | random init {random_init['top1']:.4f}" in text
+    assert "kNN top-1" in text  # the run's own kNN report, next to the probe
+    result = json.loads((out / "linear" / f"epoch_{summary['epoch']:04d}" / "result.json").read_text())
+    assert result["top1"] == trained["top1"]
+    # Running it again resumes the finished probes: same numbers, no duplicate records.
+    assert linear.main(argv) == 0
+    assert len([r for r in read_metrics(out) if r["kind"] == "linear"]) == 2
+
+
+def test_probe_resume_is_exact_on_augmented_features(tmp_path, data_cache):
+    extra = {"linear.cache_features": False, "linear.epochs": 3, "linear.milestones": "[2]",
+             "linear.batch_size": 32, "run.steps_per_epoch": 2}
+    backbone = lambda cfg: random_backbone(cfg.model, cfg.run.seed)
+    straight_cfg = cfg_for(tmp_path / "a", data_cache, **extra)
+    straight = linear.probe(straight_cfg, backbone(straight_cfg))
+    for _ in range(3):  # one epoch per job
+        cfg = cfg_for(tmp_path / "b", data_cache, **extra, **{"run.epochs_per_job": 1})
+        res = linear.probe(cfg, backbone(cfg))
+    assert res == straight and res is not None
+    final = lambda d: ckpt_io.load(ckpt_io.list_checkpoints(d / "linear" / "random_init")[0])
+    a, b = final(tmp_path / "a"), final(tmp_path / "b")
+    assert a["epoch"] == b["epoch"] == 3 and a["history"] == b["history"]
+    for name in a["head"]:
+        assert torch.equal(a["head"][name], b["head"][name]), name
+    epochs = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d / "linear" / "random_init")]
+    assert epochs(tmp_path / "a") == epochs(tmp_path / "b") and len(epochs(tmp_path / "a")) == 3
+
+
+def test_probe_resume_refuses_other_settings(tmp_path, data_cache):
+    quick = {"linear.cache_features": False, "linear.epochs": 2, "run.steps_per_epoch": 1}
+    cfg = cfg_for(tmp_path, data_cache, **quick, **{"run.epochs_per_job": 1})
+    assert linear.probe(cfg, random_backbone(cfg.model, 0)) is None  # stopped after one epoch
+    changed = cfg_for(tmp_path, data_cache, **quick, **{"linear.lr": 1.0})
+    with pytest.raises(ckpt_io.CheckpointError, match=r"linear.lr: checkpoint 30.0 vs config 1.0.*linear.resume=none"):
+        linear.probe(changed, random_backbone(changed.model, 0))
+    other_encoder = random_backbone(cfg.model, 1)  # another initialisation: another encoder
+    with pytest.raises(ckpt_io.CheckpointError, match="encoder.fingerprint"):
+        linear.probe(cfg, other_encoder)
+    # Output-only keys may change between jobs.
+    again = cfg_for(tmp_path, data_cache, **quick, **{"linear.eval_every": 2})
+    assert linear.probe(again, random_backbone(again.model, 0)) is not None
+
+
+def test_wrong_arch_and_non_fastft_files_are_refused(pretrained, data_cache, tmp_path, capsys):
+    out, ckpt, _ = pretrained
+    args = lambda **kw: ["configs/demo.yaml", *tiny_overrides(tmp_path / "run", data_cache, **{**PROBE, **kw})]
+    assert linear.main([*args(**{"model.arch": "resnet34"}), "--pretrained", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{ckpt} holds a model.arch=resnet18 model.small_stem=true backbone, but the config asks for "
+            f"model.arch=resnet34 model.small_stem=true") in err
+    assert knn_cli.main([*args(**{"model.small_stem": False}), "--pretrained", str(ckpt)]) == 2
+    assert "asks for model.arch=resnet18 model.small_stem=false" in capsys.readouterr().err
+
+    other = tmp_path / "resnet18-f37072fd.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, other)
+    assert linear.main([*args(), "--pretrained", str(other)]) == 2
+    assert f"{other} is not a fastft checkpoint" in capsys.readouterr().err
+    probe_ckpt = tmp_path / "probe.pt"  # a fastft checkpoint, but of a probe: no encoder inside
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": linear.PROBE_KIND,
+                         "head": {}}, probe_ckpt)
+    assert linear.main([*args(), "--pretrained", str(probe_ckpt)]) == 2
+    assert "is a linear-probe checkpoint, not a pretraining checkpoint" in capsys.readouterr().err
+    with pytest.raises(ckpt_io.CheckpointError, match="not a linear-probe checkpoint"):
+        cfg = load_config(None, tiny_overrides(tmp_path / "r2", data_cache, **{**PROBE, "linear.resume": str(ckpt)}))
+        linear.probe(cfg, random_backbone(cfg.model, 0))
+
+
+def test_knn_cli_matches_the_training_monitor(pretrained, data_cache, capsys):
+    out, ckpt, summary = pretrained
+    argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **PRETRAIN)]
+    assert knn_cli.main(argv) == 0  # no --pretrained: the newest checkpoint of run.out_dir
+    line = capsys.readouterr().out
+    top1 = float(line.split("):")[1].split()[0])
+    # Same features, same kNN as the monitor; allow one val image to flip on float noise.
+    assert abs(top1 - summary["knn_top1"]) <= 1 / 360 + 1e-9
+    assert str(ckpt) in line and "1437 train / 360 val" in line

@@ -1,0 +1,241 @@
+"""Score statistics: equal to numpy on the same logits (after FT), no host sync, files, resume, and FT's effects."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_overrides
+from fastft.config import ConfigError, FTConfig, ScoresConfig, load_config
+from fastft.feature_transform import FeatureTransform
+from fastft.kernels import moco_logits, neg_score_stats
+from fastft.score_stats import (SERIES, BinSpec, ScoreRecorder, ScoreStore, count_bins, neg_stats, read_scores,
+                                scores_from_logits)
+from fastft.train import train
+
+T = 0.2
+BINS = dict(bins=64, pos_lo=-4.0, pos_hi=1.0, neg_lo=-3.0, neg_hi=3.0)
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=1)
+
+
+def np_hist(x: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray:
+    """An independent histogram: numpy's bins, with outliers moved into the end bins."""
+    return np.histogram(np.clip(x, lo, np.nextafter(hi, lo)), bins=np.linspace(lo, hi, n + 1))[0]
+
+
+def np_expected(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
+    """The authors' five numbers per sample (plus the two squares), averaged over the batch, in float64."""
+    return {"pos_mean": pos.mean(), "pos_sq_mean": (pos ** 2).mean(), "neg_mean": neg.mean(1).mean(),
+            "neg_sq_mean": (neg ** 2).mean(1).mean(), "neg_var": neg.var(1).mean(),
+            "exp_neg_mean": np.exp(neg / T).mean(1).mean(), "exp_pos_mean": np.exp(pos / T).mean()}
+
+
+def assert_hist_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.sum() == want.sum()
+    assert np.abs(got - want).sum() <= 2  # a score on a bin edge may round to either side (fp32 vs fp64)
+
+
+def ft_step(n=12, k=50, c=16, pos="extrapolate", neg="interpolate"):
+    q, kk, queue = unit(n, c), unit(n, c), unit(k, c)
+    ft = FeatureTransform(FTConfig(pos=pos, neg=neg))
+    draw = ft.draw(n, queue, 0)
+    q_hat, k_hat = ft.positives(q, kk, draw)
+    return q, kk, queue, draw, q_hat, k_hat, moco_logits(q_hat, k_hat, queue, T, draw.lam_n, draw.perm)
+
+
+def recorder(tmp_path, **cfg) -> ScoreRecorder:
+    rec = ScoreRecorder(ScoresConfig(**{**BINS, **cfg}), T, torch.device("cpu"), ScoreStore(tmp_path))
+    rec.begin(0, None)
+    return rec
+
+
+def test_statistics_equal_numpy_on_the_same_logits_after_ft(tmp_path):
+    torch.manual_seed(0)
+    rec = recorder(tmp_path, flush_every=10)
+    steps = []
+    for step in (1, 2, 3):
+        q, k, queue, draw, q_hat, k_hat, logits = ft_step()
+        assert draw.lam_p is not None and draw.perm is not None and draw.lam_p > 1  # FT really ran
+        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+        rec.commit(step, 0)
+        scores = logits.numpy().astype(np.float64) * T  # the same logits, undone by T
+        raw_neg = q.numpy().astype(np.float64) @ queue.numpy().astype(np.float64).T
+        steps.append((scores[:, 0], scores[:, 1:], (q * k).sum(1).numpy().astype(np.float64), raw_neg))
+    rec.flush()
+    got = read_scores(tmp_path)
+    assert got.steps.tolist() == [1, 2, 3] and got.chunk_last.tolist() == [3]
+    for i, (pos, neg, raw_pos, raw_neg) in enumerate(steps):
+        for feat, (p, n) in (("ft", (pos, neg)), ("raw", (raw_pos, raw_neg))):
+            for name, want in np_expected(p, n).items():
+                assert got.series[f"{feat}_{name}"][i] == pytest.approx(want, rel=1e-5, abs=1e-6), (feat, name, i)
+    for feat, p, n in (("ft", 0, 1), ("raw", 2, 3)):
+        assert_hist_close(got.hists[f"{feat}_pos"][0], sum(np_hist(s[p], -4, 1, 64) for s in steps))
+        assert_hist_close(got.hists[f"{feat}_neg"][0], sum(np_hist(s[n].ravel(), -3, 3, 64) for s in steps))
+    # Extrapolated positives fall below -1 (a cosine could not): the bins are wide enough to show it.
+    assert min(s[0].min() for s in steps) < -1 and got.hists["ft_pos"][0][0] < got.hists["ft_pos"][0].sum()
+
+
+def test_neg_stats_match_the_shared_definition():
+    torch.manual_seed(1)
+    s = torch.randn(7, 300) * 1.5  # some beyond [-3, 3): they must land in the end bins
+    want = neg_score_stats(s, T, (-3.0, 3.0, 40))
+    got = neg_stats(s, T, BinSpec(-3.0, 3.0, 40))
+    assert torch.equal(got.hist, want.hist) and got.hist.dtype == want.hist.dtype == torch.int64
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(count_bins(s[0], BinSpec(-3.0, 3.0, 40)), neg_score_stats(s[:1], T, (-3.0, 3.0, 40)).hist)
+
+
+def test_negstats_input_gives_what_logits_give(tmp_path):
+    """The fused kernel's path (pos from q_hat . k_hat, NegStats from the kernel) records the same numbers."""
+    torch.manual_seed(2)
+    q, k, queue, draw, q_hat, k_hat, logits = ft_step()
+    a, b = recorder(tmp_path / "a"), recorder(tmp_path / "b")
+    a.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+    _, stats = scores_from_logits(logits, T, a.neg_bins)
+    b.observe(stats, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+    torch.testing.assert_close(a.means[0], b.means[0])
+    assert torch.equal(a.hists, b.hists)
+
+
+def test_no_host_sync_between_flushes(tmp_path, monkeypatch):
+    """observe/commit must not read anything back from the device (each read is a sync on CUDA)."""
+    torch.manual_seed(3)
+    batches = [ft_step() for _ in range(3)]
+    rec = recorder(tmp_path, flush_every=4)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("host sync in the per-step path")
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "bincount", forbidden)  # reads min/max back on CUDA
+    for step, (q, k, queue, draw, q_hat, k_hat, logits) in enumerate(batches, 1):
+        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+        rec.commit(step, 0)
+    monkeypatch.undo()
+    assert not (tmp_path / "scores" / "chunk_0000000001.npz").exists()  # nothing flushed yet
+    rec.flush()
+    assert read_scores(tmp_path).steps.tolist() == [1, 2, 3]
+
+
+def test_moco_forward_records_its_own_logits_and_the_clean_features(tmp_path, data_cache):
+    """Through MoCo.forward: FT stats equal numpy on the logits it returns; untransformed ones equal numpy on
+    the clean q, k and the queue as it was before this step's enqueue."""
+    from fastft.moco import MoCo
+    cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"model.queue_size": 64}))
+    torch.manual_seed(4)
+    model = MoCo(cfg.model, cfg.ft)
+    seen = {}
+    positives = model.ft.positives
+    model.ft.positives = lambda q, k, draw: (seen.update(q=q.detach().clone(), k=k.clone()), positives(q, k, draw))[1]
+    rec = recorder(tmp_path)
+    queue_before = model.queue.clone()
+    x1, x2 = torch.rand(16, 3, 8, 8), torch.rand(16, 3, 8, 8)
+    _, logits, draw = model(x1, x2, 0, scores=rec)
+    assert not torch.equal(model.queue, queue_before)  # enqueue ran after the stats were taken
+    rec.commit(1, 0)
+    rec.flush()
+    got = read_scores(tmp_path)
+    s = logits.detach().numpy().astype(np.float64) * cfg.model.temperature
+    q, k, qu = (t.numpy().astype(np.float64) for t in (seen["q"], seen["k"], queue_before))
+    for feat, (p, n) in (("ft", (s[:, 0], s[:, 1:])), ("raw", ((q * k).sum(1), q @ qu.T))):
+        for name, want in np_expected(p, n).items():
+            assert got.series[f"{feat}_{name}"][0] == pytest.approx(want, rel=1e-5, abs=1e-6), (feat, name)
+    assert got.series["ft_pos_mean"][0] < got.series["raw_pos_mean"][0]  # extrapolation made positives harder
+
+
+def run(tmp_path, name, cache, **extra):
+    out = tmp_path / name
+    train(load_config(None, tiny_overrides(out, cache, **extra)))
+    return read_scores(out)
+
+
+def test_ft_effects_at_the_same_step_on_the_same_batch(tmp_path, data_cache):
+    """Same seed, model and first batch: extrapolation lowers the logged pos scores, interpolation the neg
+    variance (the two effects the paper shows); the untransformed scores prove it is the same batch and model."""
+    short = {"optim.epochs": 1, "run.steps_per_epoch": 1, "model.queue_size": 512}
+    plain = run(tmp_path, "plain", data_cache, **short, **{"ft.pos": "none", "ft.neg": "none"})
+    pos = run(tmp_path, "pos", data_cache, **short, **{"ft.pos": "extrapolate", "ft.neg": "none"})
+    neg = run(tmp_path, "neg", data_cache, **short, **{"ft.pos": "none", "ft.neg": "interpolate"})
+    for r in (plain, pos, neg):
+        assert r.steps.tolist() == [1]
+    for name in SERIES:  # untransformed: identical inputs in all three runs
+        assert pos.series[f"raw_{name}"][0] == pytest.approx(plain.series[f"raw_{name}"][0], rel=1e-6)
+        assert neg.series[f"raw_{name}"][0] == pytest.approx(plain.series[f"raw_{name}"][0], rel=1e-6)
+    assert np.array_equal(pos.hists["raw_pos"], plain.hists["raw_pos"])
+    assert plain.series["ft_pos_mean"][0] == pytest.approx(plain.series["raw_pos_mean"][0])
+    assert pos.series["ft_pos_mean"][0] < plain.series["ft_pos_mean"][0] - 0.05
+    assert neg.series["ft_neg_var"][0] < 0.9 * plain.series["ft_neg_var"][0]
+    assert neg.series["ft_pos_mean"][0] == pytest.approx(plain.series["ft_pos_mean"][0], rel=1e-6)
+
+
+def test_interpolation_at_half_halves_the_neg_variance():
+    """lam_n = 0.5 mixes each negative with a random other one: Var(s') ~ (lam^2 + (1 - lam)^2) Var(s) = Var / 2."""
+    torch.manual_seed(5)
+    q, queue = unit(32, 128), unit(2048, 128)
+    perm = torch.randperm(2048)
+    plain = moco_logits(q, q, queue, T)
+    mixed = moco_logits(q, q, queue, T, 0.5, perm)
+    bins = BinSpec(-3.0, 3.0, 64)
+    var = lambda lg: (lambda p, n: (n.sumsq / 2048 - (n.sum / 2048) ** 2).mean().item())(*scores_from_logits(lg, T, bins))
+    assert 0.4 < var(mixed) / var(plain) < 0.6
+
+
+def test_resume_keeps_scores_exact_and_drops_chunks_past_the_checkpoint(tmp_path, data_cache):
+    extra = {"scores.flush_every": 2}
+    straight = run(tmp_path, "a", data_cache, **extra)
+    run(tmp_path, "b", data_cache, **extra, **{"run.epochs_per_job": 1})
+    folder = tmp_path / "b" / "scores"
+    # As if the job had been killed in epoch 2 after a flush: a chunk (and an orphan) past the checkpoint.
+    index = json.loads((folder / "index.json").read_text())
+    index["chunks"].append({**index["chunks"][-1], "file": "chunk_0000000004.npz", "first_step": 4, "last_step": 5})
+    (folder / "chunk_0000000004.npz").write_bytes((folder / index["chunks"][0]["file"]).read_bytes())
+    (folder / "index.json").write_text(json.dumps(index))
+    (folder / "chunk_0000000099.npz").write_bytes(b"orphan")
+    resumed = run(tmp_path, "b", data_cache, **extra)
+    assert resumed.steps.tolist() == straight.steps.tolist() == [1, 2, 3, 4, 5, 6]
+    assert resumed.chunk_last.tolist() == [2, 3, 5, 6]  # every flush_every steps and at each epoch end
+    assert not (folder / "chunk_0000000099.npz").exists()
+    for key in straight.series:
+        np.testing.assert_array_equal(resumed.series[key], straight.series[key])
+    for key in straight.hists:
+        np.testing.assert_array_equal(resumed.hists[key], straight.hists[key])
+    # Other bins on resume would mix two binnings in one run: refused, naming both.
+    with pytest.raises(ConfigError, match=r"binned as pos \[-4, 1\) in 240 bins.*this run bins them as pos \[-4, 1\) in 100"):
+        train(load_config(None, tiny_overrides(tmp_path / "b", data_cache, **{"scores.bins": 100})))
+
+
+def test_bad_bins_are_a_config_error():
+    with pytest.raises(ConfigError, match="need lo < hi"):
+        ScoreRecorder(ScoresConfig(pos_lo=1.0, pos_hi=-1.0), T, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"scores.bins = 1 is out of range"):
+        load_config(None, ["scores.bins=1"])
+
+
+def test_flush_logs_interval_means_and_tensorboard_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastft.metrics import MetricsLog, read_metrics
+    torch.manual_seed(6)
+    log = MetricsLog(tmp_path, tensorboard=True)
+    rec = ScoreRecorder(ScoresConfig(**BINS, flush_every=2), T, torch.device("cpu"), ScoreStore(tmp_path), log)
+    rec.begin(0, None)
+    for step in (1, 2):  # the second commit fills the chunk: flushed without an explicit flush()
+        q, k, queue, draw, q_hat, k_hat, logits = ft_step(n=12, k=50)
+        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+        rec.commit(step, 0)
+    log.close()
+    got = read_scores(tmp_path)
+    (record,) = [r for r in read_metrics(tmp_path) if r["kind"] == "scores"]
+    assert record["step"] == 2 and record["pos_mean"] == pytest.approx(got.series["ft_pos_mean"].mean())
+    assert record["raw_neg_var"] == pytest.approx(got.series["raw_neg_var"].mean())
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0}).Reload()
+    assert {"scores/ft_pos", "scores/ft_neg", "scores/raw_pos", "scores/raw_neg"} <= set(acc.Tags()["histograms"])
+    (neg,) = acc.Histograms("scores/ft_neg")
+    assert neg.step == 2 and neg.histogram_value.num == 2 * 12 * 50
+    assert sum(neg.histogram_value.bucket) == 2 * 12 * 50
+    assert "scores/pos_mean" in acc.Tags()["scalars"]
