@@ -27,6 +27,7 @@ install: $(STAMP)
 # Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs raw pixels.
 demo: install
 	$(PY) -m fastft.train configs/demo.yaml $(ARGS)
+	$(PY) -m fastft.linear configs/demo.yaml --compare-random-init linear.cache_features=true $(ARGS)
 	$(PY) -m fastft.viz runs/demo --out runs/demo/viz
 
 # MoCo v2 / + pos extrapolation / + neg interpolation / + both, 2 seeds each, on the CPU (~20 min on 2 free

@@ -164,7 +164,7 @@ class LinearConfig:
     cache_features: bool = False
     eval_every: int = bounded(10, 0)  # epochs between val evaluations; 0 = only after the last epoch
     resume: str = "auto"  # auto | none | path to a probe checkpoint
-    out_dir: str = ""  # "" = <run.out_dir>/linear/<encoder>, e.g. runs/demo/linear/epoch_0020
+    out_dir: str = ""  # probes go to <out_dir>/<encoder>, e.g. epoch_0020, random_init; "" = <run.out_dir>/linear
 
 
 @dataclass

@@ -6,9 +6,9 @@ linear layer on its features is trained with SGD (`linear.*`; defaults lr 30, mo
 top-5 are measured on the val split (Resize / CenterCrop). Without --pretrained the newest checkpoint in
 run.out_dir is probed. --compare-random-init also probes the same architecture at random initialisation.
 
-The probe lives in <run.out_dir>/linear/<encoder> (its checkpoints, resumed like pretraining, and its own
-metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear" record at the encoder's
-pretraining step. An entry point: nothing imports it.
+The probe lives in <linear.out_dir, default run.out_dir/linear>/<encoder> (its checkpoints, resumed like
+pretraining, and its own metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear"
+record at the encoder's pretraining step. An entry point: nothing imports it.
 """
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ class LinearProbe:
         dtype = pick_precision(cfg.run.precision, self.device)
         self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
         self.run_dir = Path(cfg.run.out_dir)
-        self.out_dir = Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear" / self.info.name
+        # One folder per encoder (epoch_0020, random_init): probes of several checkpoints never collide.
+        self.out_dir = (Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear") / self.info.name
         self.identity = probe_identity(cfg, self.info)
         torch.manual_seed(cfg.run.seed + rank())  # the classifier's init and the augmentations of worker-less loading
 
@@ -285,8 +286,9 @@ class LinearProbe:
                 if last:
                     self.result = res
             self.log.log(record)
-            self.say(f"linear epoch {self.epoch}/{self.lin.epochs}  loss {loss:.4f}"
-                     + (f"  top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}" if "top1" in record else ""))
+            if "top1" in record:  # a line per measurement; the progress bar shows the epochs between
+                self.say(f"linear epoch {self.epoch}/{self.lin.epochs}  loss {loss:.4f}  lr {lr:.4g}  "
+                         f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}")
             if last or self.epoch % self.cfg.run.ckpt_every == 0:
                 self.save()
         if self.result is not None and is_main():

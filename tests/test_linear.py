@@ -3,21 +3,24 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_overrides
 from fastft import checkpoint as ckpt_io
 from fastft import knn as knn_cli
 from fastft import linear
-from fastft.config import load_config
+from fastft.config import Config, load_config
+from fastft.knn import evaluate_knn
 from fastft.metrics import read_metrics
-from fastft.pretrained import random_backbone
+from fastft.moco import MoCo
+from fastft.pipelines.loader import eval_loader
+from fastft.pretrained import BackboneInfo, load_backbone, random_backbone
 from fastft.train import train
 
 # Pretraining budget of the shared encoder: MoCo v2 + FT, ResNet-18 small stem at 8x8, 12 steps of 64 images.
-PRETRAIN = {"optim.epochs": 1, "run.steps_per_epoch": 12, "loader.batch_size": 64, "knn.every": 1}
+PRETRAIN = {"optim.epochs": 1, "run.steps_per_epoch": 12, "loader.batch_size": 64, "knn.every": 0}
 # The probe every test runs unless it says otherwise: the protocol's optimiser (lr 30, batch 256) on cached
-# features for 10 epochs. A fixed budget, as the protocol's: on digits a random ResNet's features catch up
-# with this encoder's when the probe runs much longer (measured: ~0.93 for both at 30 epochs).
+# features, 10 epochs.
 PROBE = {"linear.cache_features": True, "linear.epochs": 10, "linear.milestones": "[8]", "linear.eval_every": 0}
 
 
@@ -31,6 +34,28 @@ def pretrained(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("pretrain")
     summary = train(cfg_for(out, data_cache))
     return out, ckpt_io.list_checkpoints(out)[0], summary
+
+
+def supervised_checkpoint(cfg: Config, path, steps: int = 66) -> None:
+    """A fastft checkpoint whose query backbone was trained with the labels (66 SGD steps of 64 train images):
+    an encoder known to be better than random init, to check that the probe tells them apart."""
+    images, labels = map(torch.cat, zip(*eval_loader(cfg, cfg.data.train_split, torch.device("cpu"))))
+    torch.manual_seed(0)
+    moco = MoCo(cfg.model, cfg.ft)
+    backbone = moco.encoder_q.backbone.train()
+    head = torch.nn.Linear(moco.encoder_q.width, 10)
+    opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.02, momentum=0.9, weight_decay=1e-4)
+    per_epoch = len(labels) // 64
+    for i in range(steps):
+        if i % per_epoch == 0:
+            order = torch.randperm(len(labels))
+        idx = order[(i % per_epoch) * 64:(i % per_epoch + 1) * 64]
+        loss = F.cross_entropy(head(backbone(images[idx])), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": cfg.to_dict(),
+                         "epoch": 2, "step": steps, "model": moco.state_dict()}, path)
 
 
 def test_defaults_are_the_moco_protocol():
@@ -54,7 +79,22 @@ def test_linear_keys_do_not_block_pretraining_resume(tmp_path):
         ckpt_io.check_compatible(old, load_config(None, ["optim.lr=0.1"]).to_dict(), tmp_path / "c.pt")
 
 
-def test_probe_beats_random_init_and_is_recorded(pretrained, data_cache, capsys):
+def test_probe_beats_random_init_on_a_better_encoder(tmp_path, data_cache):
+    """Why not the MoCo encoder of the fixture: on digits a random ResNet's features are already linearly separable
+    to ~0.93 once the probe converges, and a few CPU steps of MoCo do not beat that (measured: 0.91 vs 0.93 at
+    100 probe epochs for the 20-epoch demo encoder); short probes favour it only because random-init features
+    are large and lr 30 thrashes on them. A label-trained encoder is better for real, at any probe length
+    (measured with this budget: 0.967-0.975 vs 0.872-0.919 over 3 run.seed values)."""
+    cfg = cfg_for(tmp_path, data_cache, **{"linear.epochs": 30, "linear.milestones": "[20,25]"})
+    supervised_checkpoint(cfg, tmp_path / "supervised.pt")
+    better = linear.probe(cfg, load_backbone(tmp_path / "supervised.pt", cfg.model))
+    random_init = linear.probe(cfg, random_backbone(cfg.model, cfg.run.seed))
+    print(f"probe top-1: label-trained {better.top1:.4f} random init {random_init.top1:.4f}")
+    assert better.top1 > random_init.top1 + 0.02
+    assert better.n_val == random_init.n_val == 360 and random_init.top1 <= random_init.top5
+
+
+def test_compare_cli_records_both_probes_once(pretrained, data_cache, capsys):
     out, ckpt, summary = pretrained
     argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **{**PRETRAIN, **PROBE}),
             "--pretrained", str(ckpt), "--compare-random-init"]
@@ -62,14 +102,11 @@ def test_probe_beats_random_init_and_is_recorded(pretrained, data_cache, capsys)
     records = [r for r in read_metrics(out) if r["kind"] == "linear"]
     trained = next(r for r in records if r["encoder"] == "pretrained")
     random_init = next(r for r in records if r["encoder"] == "random_init")
-    print(f"probe top-1: trained {trained['top1']:.4f} random init {random_init['top1']:.4f}")
-    # Measured here: 0.919 vs 0.833 (0.89-0.92 vs 0.82-0.85 over four probe seeds).
-    assert trained["top1"] > random_init["top1"] + 0.02
     assert trained["step"] == summary["step"] and trained["checkpoint"] == str(ckpt) and trained["n_val"] == 360
-    assert 0 < random_init["top1"] <= random_init["top5"] <= 1 and random_init["step"] == 0
-    text = capsys.readouterr().out
-    assert f"trained {trained['top1']:.4f} | random init {random_init['top1']:.4f}" in text
-    assert "kNN top-1" in text  # the run's own kNN report, next to the probe
+    assert random_init["step"] == 0 and trained["fingerprint"] != random_init["fingerprint"]
+    for r in (trained, random_init):
+        assert 0.1 < r["top1"] <= r["top5"] <= 1  # better than chance (10 classes)
+    assert f"trained {trained['top1']:.4f} | random init {random_init['top1']:.4f}" in capsys.readouterr().out
     result = json.loads((out / "linear" / f"epoch_{summary['epoch']:04d}" / "result.json").read_text())
     assert result["top1"] == trained["top1"]
     # Running it again resumes the finished probes: same numbers, no duplicate records.
@@ -136,11 +173,25 @@ def test_wrong_arch_and_non_fastft_files_are_refused(pretrained, data_cache, tmp
 
 
 def test_knn_cli_matches_the_training_monitor(pretrained, data_cache, capsys):
-    out, ckpt, summary = pretrained
+    out, ckpt, _ = pretrained
     argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **PRETRAIN)]
     assert knn_cli.main(argv) == 0  # no --pretrained: the newest checkpoint of run.out_dir
     line = capsys.readouterr().out
-    top1 = float(line.split("):")[1].split()[0])
-    # Same features, same kNN as the monitor; allow one val image to flip on float noise.
-    assert abs(top1 - summary["knn_top1"]) <= 1 / 360 + 1e-9
     assert str(ckpt) in line and "1437 train / 360 val" in line
+    top1 = float(line.split("):")[1].split()[0])
+    # What the training loop's monitor computes for the model in that checkpoint (train.py calls evaluate_knn).
+    cfg = cfg_for(out, data_cache)
+    model = MoCo(cfg.model, cfg.ft).to(memory_format=torch.channels_last)
+    model.load_state_dict(ckpt_io.load(ckpt)["model"])
+    monitor = evaluate_knn(model, cfg, torch.device("cpu"), torch.float32).top1
+    assert abs(top1 - monitor) <= 1 / 360 + 1e-9  # one val image may flip on float noise
+    assert 0.5 < top1 <= 1
+
+
+def test_compare_prints_the_runs_knn_report_for_the_same_checkpoint(tmp_path):
+    cfg = load_config(None, [f"run.out_dir={tmp_path}"])
+    info = lambda epoch: BackboneInfo("pretrained", "resnet18", True, "c.pt", epoch=epoch)
+    summary = {"epoch": 20, "knn_top1": 0.91, "knn_init_top1": 0.83, "knn_pixels_top1": None}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert linear.knn_line(cfg, info(20)) == "kNN top-1 on val (k 200, T 0.07): trained 0.9100 | random init 0.8300"
+    assert linear.knn_line(cfg, info(10)) is None  # the run's kNN describes another checkpoint
