@@ -43,17 +43,43 @@ class Dist:
     device: torch.device
 
 
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """A store whose keys belong to this restart attempt alone, or None to let torch pick one.
+
+    torchrun's c10d rendezvous keeps one TCPStore for the whole job and hands it to every attempt without a
+    per-attempt prefix, so after `--max-restarts` brings workers back, a rank can read the dead attempt's
+    gloo/NCCL address and fail with "Connection refused" (pytorch/pytorch#135712). On one node the restart
+    count is the same in every worker and makes a safe prefix; across nodes it is counted per agent and may
+    differ, so there the fix is torch's own switch, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see the README).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # static rendezvous, or the shared store switched off: a fresh store per attempt
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get("RANK") == "0":
+            print("fastft: warning: multi-node elastic restarts need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+                  "environment of every torchrun (torch's shared store keeps a dead attempt's addresses)",
+                  flush=True)
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"fastft/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def setup(device: torch.device, timeout_s: float = 1800) -> Dist:
     """Join the torchrun process group if one was launched; bind this process to its GPU."""
     if launched_world_size() <= 1 or is_dist():
         return Dist(rank(), world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(seconds=timeout_s)
+    store = _attempt_store(timeout)
+    where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                      "world_size": launched_world_size()}
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device, **where)
     else:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", timeout=timeout, **where)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

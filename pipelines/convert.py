@@ -137,13 +137,22 @@ def _read_bad(log_dir: str) -> dict[int, tuple[str, str]]:
     return bad
 
 
-def _dead_children() -> list[tuple[int, str]]:
-    """Child processes that have exited with an error, found without reaping them (WNOWAIT), so that
-    multiprocessing's own bookkeeping is untouched; a worker that dies at once is caught too."""
+def _children() -> set[int]:
+    import psutil  # comes with ffcv
+
+    return {c.pid for c in psutil.Process().children()}
+
+
+def _dead_children(ignore: set[int]) -> list[tuple[int, str]]:
+    """Child processes (other than `ignore`: the caller's own, older children) that have exited with an error,
+    found without reaping them (WNOWAIT), so that multiprocessing's own bookkeeping is untouched; a worker that
+    dies at once is caught too."""
     import psutil  # comes with ffcv
 
     dead = []
     for child in psutil.Process().children():
+        if child.pid in ignore:
+            continue
         try:
             info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
@@ -159,18 +168,37 @@ def _dead_children() -> list[tuple[int, str]]:
 _INTERRUPTED = threading.Event()
 
 
-def _watch_workers(stop: threading.Event, died: list) -> None:
-    """Interrupt the main thread if a writer worker dies (killed, out of memory): ffcv would wait forever.
-    Also repeat a signal's interrupt until the main thread has taken it."""
-    while not stop.wait(0.2):
-        if _INTERRUPTED.is_set():
-            _thread.interrupt_main()
-            continue
-        dead = _dead_children()
-        if dead and not stop.is_set():
-            died.extend(dead)
-            _thread.interrupt_main()
-            return
+class _WorkerWatch:
+    """Interrupts the main thread if a writer worker dies (killed, out of memory): ffcv would wait forever.
+    Also repeats a signal's interrupt until the main thread has taken it. Children that existed before the
+    conversion (a test runner's, a training job's) are not ours to judge; after `close()` returns no interrupt
+    can come, so nothing leaks into the caller's later code."""
+
+    def __init__(self) -> None:
+        self.died: list[tuple[int, str]] = []
+        self._ignore = _children()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            dead = [] if _INTERRUPTED.is_set() else _dead_children(self._ignore)
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                if _INTERRUPTED.is_set():
+                    _thread.interrupt_main()
+                elif dead:
+                    self.died.extend(dead)
+                    _thread.interrupt_main()
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+        self._thread.join()
 
 
 def _remove(*paths: Path) -> None:
@@ -213,24 +241,24 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
     workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
     start = time.time()
     log_dir = tempfile.mkdtemp(prefix=".fastft-convert-", dir=out.parent)
-    stop, died = threading.Event(), []
-    watcher = threading.Thread(target=_watch_workers, args=(stop, died), daemon=True)
+    watch = None
     try:
-        watcher.start()
+        watch = _WorkerWatch()
         try:
             write_beton(tmp, _Images(source, log_dir), write_mode=write_mode, max_resolution=max_resolution,
                         jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                         smart_threshold=smart_threshold, num_workers=min(workers, len(source.files)))
         except BaseException as e:
-            stop.set()
+            watch.close()
             for p in multiprocessing.active_children():  # the writer's workers: they must not outlive us
                 p.terminate()
+            died = watch.died
             if died and isinstance(e, KeyboardInterrupt):
                 raise ConvertError(f"a conversion worker died (pid {died[0][0]}, {died[0][1]}; out of memory?); "
                                    f"nothing written to {out}") from None
             raise
         finally:
-            stop.set()
+            watch.close()
         if _INTERRUPTED.is_set():  # the interrupt was swallowed somewhere: still, do not publish the output
             raise KeyboardInterrupt
         bad = _read_bad(log_dir)
@@ -248,6 +276,8 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
         os.replace(tmp, out)
         os.replace(meta_tmp, Path(f"{out}.json"))
     finally:
+        if watch is not None:
+            watch.close()
         _remove(tmp, meta_tmp)
         shutil.rmtree(log_dir, ignore_errors=True)
     skipped = [v for _, v in sorted(bad.items())]
@@ -285,8 +315,11 @@ def _on_signal(signum, frame):  # Ctrl-C, or a job scheduler's kill: clean up th
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _INTERRUPTED.clear()
+    # Restored on the way out: main() also runs inside other programs (a test runner) that keep going after it.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # keep "ignored" when a shell set it so
+    if previous[signal.SIGINT] is not signal.SIG_IGN:  # keep "ignored" when a shell set it so
         signal.signal(signal.SIGINT, _on_signal)
     try:
         r = convert(args.src, args.out, split=args.split, subset=args.subset, max_resolution=args.max_resolution,
@@ -299,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fastft-convert-dataset: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     size = r.out.stat().st_size / 2**20
     print(f"wrote {r.written} images of {r.classes} classes to {r.out} ({size:.1f} MiB) in {r.seconds:.1f} s"
           + (f"; skipped {len(r.skipped)} unreadable" if r.skipped else ""))

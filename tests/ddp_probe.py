@@ -59,8 +59,24 @@ def probe_equivalence(out: Path, overrides: list[str]) -> dict:
             "grads": {n: p.grad.clone() for n, p in trainer.model.encoder_q.named_parameters()}}
 
 
+def probe_restart(out: Path, overrides: list[str]) -> dict:
+    """Join the group, then (first attempt only) rank 1 dies. In the second attempt rank 1 joins late, so
+    rank 0 reads rank 1's address before rank 1 has written the new one: the stale-address race, made certain."""
+    import os
+    import time
+
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    if attempt == 1 and os.environ["RANK"] == "1":
+        time.sleep(3)
+    D.setup(torch.device("cpu"), timeout_s=60)
+    total = D.all_reduce_mean(torch.tensor(float(D.rank())))
+    if attempt == 0 and D.rank() == 1:
+        os._exit(1)
+    return {"attempt": attempt, "mean_rank": float(total)}
+
+
 if __name__ == "__main__":
     mode, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    result = {"train": probe_train, "equivalence": probe_equivalence}[mode](out, overrides)
+    result = {"train": probe_train, "equivalence": probe_equivalence, "restart": probe_restart}[mode](out, overrides)
     torch.save(result, out / f"probe_{mode}_w{D.world_size()}_rank{D.rank()}.pt")
     D.cleanup()

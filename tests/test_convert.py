@@ -151,3 +151,18 @@ def test_a_dying_writer_worker_is_an_error_not_a_hang(photos, tmp_path, monkeypa
     with pytest.raises(conv.ConvertError, match="worker died"):
         conv.convert(str(photos), tmp_path / "o.beton", num_workers=1)
     assert time.time() - start < 30 and not list(tmp_path.glob("o.beton*"))
+
+
+def test_in_process_conversion_leaves_the_caller_alone(photos, tmp_path):
+    """main() inside a longer-lived program (this test runner): an older child of the caller that exited with
+    an error is not taken for a dead writer worker, and the caller's signal handlers come back unchanged."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    while os.waitid(os.P_PID, failed.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        time.sleep(0.01)  # exited with status 1, not yet reaped: what the worker watch looks for
+    try:
+        assert run(photos, tmp_path / "o.beton", "--num-workers", "1") == 0
+        time.sleep(0.5)  # a watch left running would interrupt this sleep
+    finally:
+        failed.wait()
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers

@@ -126,6 +126,16 @@ def worker_pid(out_dir: Path, rank: int) -> int | None:
     return None
 
 
+def test_a_restarted_attempt_never_reads_the_dead_attempts_addresses(tmp_path):
+    """torchrun keeps one store for the whole job (pytorch#135712); fastft.distributed.setup keys each attempt
+    apart, so the second attempt forms its group even when rank 1 is the last to join."""
+    proc = subprocess.run(torchrun(PROBE, "restart", str(tmp_path), extra=("--max-restarts", "1")), cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = torch.load(tmp_path / "probe_restart_w2_rank0.pt")
+    assert result == {"attempt": 1, "mean_rank": 0.5}
+
+
 def test_elastic_restart_after_a_worker_dies(tmp_path, data_cache):
     ov = tiny_overrides(tmp_path, data_cache, **{"optim.epochs": 3, "run.steps_per_epoch": 6})
     job = subprocess.Popen(torchrun("-m", "fastft.train", "configs/demo.yaml", *ov, extra=("--max-restarts", "1")),
