@@ -36,6 +36,7 @@ setup(
             "fastft-linear=fastft.linear:main",
             "fastft-knn=fastft.knn:main",
             "fastft-export=fastft.export:main",
+            "fastft-bench=fastft.bench:main",
         ]
     },
 )

@@ -116,11 +116,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_compatible(saved: dict, current: dict, path: str | Path, free_keys: set[str] = RESUME_FREE_KEYS,
-                     free_sections: set[str] = RESUME_FREE_SECTIONS, hint: str = RESUME_HINT) -> None:
-    """Refuse a checkpoint whose run was configured differently (apart from the free keys and sections)."""
+                     free_sections: set[str] = RESUME_FREE_SECTIONS, hint: str = RESUME_HINT,
+                     defaults: dict | None = None) -> None:
+    """Refuse a checkpoint whose run was configured differently (apart from the free keys and sections).
+    A key the checkpoint lacks (it predates the key) matches when the config leaves it at its default in
+    `defaults`: that run had the behaviour the default gives."""
     a, b = _flatten(saved), _flatten(current)
+    d = _flatten(defaults) if defaults is not None else {}
     free = lambda k: k in free_keys or k.split(".", 1)[0] in free_sections
-    diffs = [k for k in sorted(set(a) | set(b)) if not free(k) and a.get(k, "<missing>") != b.get(k, "<missing>")]
+    older = lambda k: k not in a and k in d and b.get(k) == d[k]
+    diffs = [k for k in sorted(set(a) | set(b))
+             if not free(k) and not older(k) and a.get(k, "<missing>") != b.get(k, "<missing>")]
     if diffs:
         shown = "; ".join(f"{k}: checkpoint {a.get(k, '<missing>')!r} vs config {b.get(k, '<missing>')!r}"
                           for k in diffs[:6])

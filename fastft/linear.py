@@ -9,6 +9,10 @@ run.out_dir is probed. --compare-random-init also probes the same architecture a
 The probe lives in <linear.out_dir, default run.out_dir/linear>/<encoder> (its checkpoints, resumed like
 pretraining, and its own metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear"
 record at the encoder's pretraining step. An entry point: nothing imports it.
+
+Under `torchrun --nproc_per_node N -m fastft.linear ...` every rank trains on its interleaved shard of
+linear.batch_size images per step, DDP averages the head's gradients (so N ranks take the steps one process
+with N times the batch would), and rank 0 logs and checkpoints; every rank measures the whole val split.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from fastft.pipelines.loader import eval_loader, linear_loader
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, LinearConfig, load_config
 from .device import pick_device, pick_precision
-from .distributed import is_main, launched_world_size, rank, world_size
+from .distributed import all_reduce_mean, cleanup, is_main, rank, setup, world_size
 from .metrics import MetricsLog, read_metrics
 from .pretrained import Backbone, BackboneInfo, pick_backbone, random_backbone
 
@@ -130,7 +134,9 @@ class CachedFeatures:
             self.cache = self.encoder.features(self.loader)
         feats, labels = self.cache
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
-        perm = torch.randperm(self.n, generator=g)[rank() * self.per_rank:(rank() + 1) * self.per_rank]
+        # Interleaved shards (as DistributedSampler's): step i of W ranks covers exactly the images of step i of
+        # one process with W times the batch, so the averaged gradient is that process's gradient.
+        perm = torch.randperm(self.n, generator=g)[:self.per_rank * world_size()][rank()::world_size()]
         perm = perm.to(feats.device)
         for i in range(0, len(perm), self.batch_size):
             idx = perm[i:i + self.batch_size]
@@ -140,7 +146,7 @@ class CachedFeatures:
 class LinearProbe:
     def __init__(self, cfg: Config, backbone: Backbone):
         self.cfg, self.lin, self.info = cfg, cfg.linear, backbone.info
-        self.device = pick_device(cfg.run.device)
+        self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         dtype = pick_precision(cfg.run.precision, self.device)
         self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
         self.run_dir = Path(cfg.run.out_dir)
@@ -168,7 +174,10 @@ class LinearProbe:
         self.head = nn.Linear(backbone.width, len(self.train_data.classes)).to(self.device)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        # TODO(DDP issue): wrap self.head in DistributedDataParallel so gradients are averaged across ranks.
+        # Under torchrun DDP averages the head's gradients, and its first broadcast makes every rank start from
+        # rank 0's init; `self.head` stays the plain layer that checkpoints hold.
+        self.train_head = self.head if world_size() == 1 else nn.parallel.DistributedDataParallel(
+            self.head, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lin.lr, momentum=self.lin.momentum,
                                          weight_decay=self.lin.weight_decay)
         self.epoch = 0  # probe epochs completed
@@ -233,7 +242,7 @@ class LinearProbe:
         bar = tqdm(total=self.steps_per_epoch, desc=f"linear {self.epoch + 1}/{self.lin.epochs}", leave=False,
                    disable=not (self.cfg.run.progress and is_main()), dynamic_ncols=True)
         for i, (feats, labels) in enumerate(itertools.islice(self.train_data.epoch(self.epoch), self.steps_per_epoch)):
-            loss = F.cross_entropy(self.head(feats), labels)
+            loss = F.cross_entropy(self.train_head(feats), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -244,7 +253,7 @@ class LinearProbe:
                 bar.set_postfix(loss=f"{losses[i].item():.4f}", lr=f"{lr:.4g}")
         bar.close()
         self.epoch += 1
-        return losses.mean().item(), lr
+        return all_reduce_mean(losses.mean()).item(), lr  # over every rank's shard, as one process would log
 
     @torch.no_grad()
     def evaluate(self) -> ProbeResult:
@@ -364,9 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if launched_world_size() > 1:
-            raise ConfigError("launched with WORLD_SIZE > 1, but multi-process (DDP) linear evaluation is not built "
-                              "yet; run one process")
         if args.compare_random_init and args.random_init:
             raise ConfigError("--compare-random-init compares a pretrained encoder with random init; "
                               "drop --random-init")
@@ -377,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as e:
         print(f"fastft.linear: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Pretraining entry point: `python -m fastft.train CONFIG [key.sub=value ...]` (also under torchrun).
 
-Wires the loader, the MoCo model, the loss kernel, logging and checkpoints together; nothing imports it.
+Wires the loader, the MoCo model, the loss kernel, logging and checkpoints together. Only fastft-bench imports
+it, to time exactly this training loop (Trainer, with synthetic batches passed as `loader`).
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, loader=None):
+        """`loader`: the batches to train on in place of the config's pretrain_loader (fastft-bench passes
+        synthetic ones already on the device; anything with set_epoch, len, dataset and (v1, v2, labels) batches)."""
         self.cfg = cfg
         self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         self.dtype = pick_precision(cfg.run.precision, self.device)
@@ -57,7 +60,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        self.loader = pretrain_loader(cfg, self.device, rank(), world_size())
+        self.loader = loader if loader is not None else pretrain_loader(cfg, self.device, rank(), world_size())
         self.steps_per_epoch = len(self.loader)
         if cfg.run.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.steps_per_epoch)
@@ -118,7 +121,7 @@ class Trainer:
         }
 
     def restore(self, ckpt: dict, path: Path) -> None:
-        ckpt_io.check_compatible(ckpt["config"], self.cfg.to_dict(), path)
+        ckpt_io.check_compatible(ckpt["config"], self.cfg.to_dict(), path, defaults=Config().to_dict())
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -247,13 +250,18 @@ class Trainer:
                 self.save()
         summary = {"epoch": self.epoch, "step": self.step, "loss_history": self.history,
                    "knn_top1": knn_last, "knn_init_top1": self.knn_init, "knn_pixels_top1": self.knn_pixels}
+        done = self.out_dir / "summary.json"
+        if ran == 0 and done.is_file():  # a finished run started again: its report stands (no kNN was run now)
+            summary = json.loads(done.read_text())
         if self.epoch == cfg.optim.epochs and is_main():
             self.report(summary)
         self.log.close()
         return summary
 
     def report(self, summary: dict) -> None:
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tmp = self.out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.out_dir / "summary.json")
         if summary["knn_top1"] is None:
             return
         parts = [f"trained {summary['knn_top1']:.4f}", f"random init {summary['knn_init_top1']:.4f}"]

@@ -7,6 +7,9 @@
 untimed pass (worker start-up, FFCV's numba compilation); then the backends take turns (A B C A B C ...), so
 that a slow spell of a shared machine hits all of them alike, and each turn times `batches` batches after
 `warmup` batches of a fresh epoch. An image is two augmented views, as the trainer consumes them.
+
+`interleaved(fns, repeats)` is that side-by-side scheme on its own; every mode of `fastft-bench` times its
+comparisons with it (it lives here because pipelines/ must not import the core package).
 """
 from __future__ import annotations
 
@@ -20,13 +23,41 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 
 from fastft.config import Config, load_config
 
 from .loader import available_backends, pretrain_loader
+
+
+R = TypeVar("R")
+
+
+def interleaved(fns: Mapping[str, Callable[[int], R]], repeats: int, *, warmup: bool = True,
+                bar=None) -> dict[str, list[R]]:
+    """Each fn's `repeats` results, measured side by side: fn(0) once each, untimed (start-up, compilation,
+    caches; skipped with warmup=False), then turns A B C A B C ... with fn(1) .. fn(repeats).
+
+    Interleaving makes a slow spell of a shared machine hit every candidate alike, where running A's repeats
+    and then B's would charge it to one of them; callers report medians. The index lets a fn use a fresh
+    epoch per call. `bar`: a tqdm bar advanced by one per call.
+    """
+    def call(fn: Callable[[int], R], i: int) -> R:
+        out = fn(i)
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    if warmup:
+        for fn in fns.values():
+            call(fn, 0)
+    runs: dict[str, list[R]] = {name: [] for name in fns}
+    for r in range(1, repeats + 1):
+        for name, fn in fns.items():
+            runs[name].append(call(fn, r))
+    return runs
 
 
 def _cpu_seconds() -> float:
@@ -66,8 +97,10 @@ def _time_epoch(loader, epoch: int, warmup: int, batches: int) -> tuple[float, f
 
 
 def bench_loaders(cfg: Config, backends: Sequence[str] | None = None, *, batches: int = 8, warmup: int = 2,
-                  repeats: int = 5, device: torch.device | None = None) -> dict:
-    """{"backends": {name: {"images_per_s": median, "runs": [...]}}, "speedup": {name: x torchvision}, ...}."""
+                  repeats: int = 5, device: torch.device | None = None, bar=None) -> dict:
+    """{"backends": {name: {"images_per_s": median, "runs": [...]}}, "speedup": {name: x torchvision}, ...}.
+
+    `bar`: a tqdm bar, advanced once per timed pass ((repeats + 1) x len(backends) in all)."""
     backends = list(backends or available_backends())
     device = device or torch.device("cpu")
     loaders = {}
@@ -78,14 +111,11 @@ def bench_loaders(cfg: Config, backends: Sequence[str] | None = None, *, batches
         if len(loaders[name]) < need:
             raise ValueError(f"{name}: an epoch has {len(loaders[name])} batches; the bench needs {need} "
                              f"(more images, or fewer --batches)")
-        _time_epoch(loaders[name], 0, warmup, batches)  # untimed: start-up and compilation
-    runs: dict[str, list[float]] = {name: [] for name in backends}
-    per_cpu: dict[str, list[float]] = {name: [] for name in backends}
-    for r in range(repeats):
-        for name in backends:
-            rate, rate_cpu = _time_epoch(loaders[name], r + 1, warmup, batches)
-            runs[name].append(rate)
-            per_cpu[name].append(rate_cpu)
+    # Pass 0 (untimed): start-up and compilation; then one fresh epoch per turn.
+    passes = {name: (lambda epoch, ld=ld: _time_epoch(ld, epoch, warmup, batches)) for name, ld in loaders.items()}
+    timed = interleaved(passes, repeats, bar=bar)
+    runs = {name: [rate for rate, _ in v] for name, v in timed.items()}
+    per_cpu = {name: [rate_cpu for _, rate_cpu in v] for name, v in timed.items()}
     med = {name: statistics.median(v) for name, v in runs.items()}
     med_cpu = {name: statistics.median(v) for name, v in per_cpu.items()}
     base, base_cpu = med.get("torchvision"), med_cpu.get("torchvision")
@@ -99,16 +129,19 @@ def bench_loaders(cfg: Config, backends: Sequence[str] | None = None, *, batches
     }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo (Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def markdown(result: dict) -> str:

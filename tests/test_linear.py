@@ -195,3 +195,28 @@ def test_compare_prints_the_runs_knn_report_for_the_same_checkpoint(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert linear.knn_line(cfg, info(20)) == "kNN top-1 on val (k 200, T 0.07): trained 0.9100 | random init 0.8300"
     assert linear.knn_line(cfg, info(10)) is None  # the run's kNN describes another checkpoint
+
+
+def test_two_processes_train_the_same_head_as_one_with_the_whole_batch(tmp_path, data_cache):
+    """Under torchrun the probe's gradients are averaged (DDP) over interleaved shards: 2 ranks x 16 images
+    take the steps of 1 process x 32 images."""
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT, env, torchrun
+
+    quick = {**PROBE, "linear.epochs": 2, "linear.milestones": "[1]", "run.steps_per_epoch": 4}
+    args = lambda out, batch: ["configs/demo.yaml", "--random-init",
+                               *tiny_overrides(out, data_cache, **{**quick, "linear.batch_size": batch})]
+    proc = subprocess.run(torchrun("-m", "fastft.linear", *args(tmp_path / "two", 16)), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "batch 16x2" in proc.stdout + proc.stderr
+    assert linear.main(args(tmp_path / "one", 32)) == 0
+    final = lambda d: ckpt_io.load(ckpt_io.list_checkpoints(d / "linear" / "random_init")[0])
+    two, one = final(tmp_path / "two"), final(tmp_path / "one")
+    assert two["step"] == one["step"] == 8
+    for name in one["head"]:
+        torch.testing.assert_close(two["head"][name], one["head"][name], rtol=1e-4, atol=1e-5)
+    assert two["history"] == pytest.approx(one["history"], rel=1e-4)
+    assert two["result"]["top1"] == pytest.approx(one["result"]["top1"], abs=1 / 360)

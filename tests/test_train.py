@@ -1,4 +1,5 @@
 """End-to-end training on the built-in digits: exact resume, atomic checkpoints, refused checkpoints."""
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +91,18 @@ def test_checkpoint_from_another_config_is_refused(tmp_path, data_cache):
     assert train(cfg_for(out, data_cache, **{"run.log_every": 2}))["epoch"] == 2
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes_only_at_its_default(tmp_path):
+    from fastft.config import Config
+
+    old = load_config(None).to_dict()
+    del old["ft"]["share_lambdas"]  # written before the key existed: it ran with the default behaviour
+    defaults = Config().to_dict()
+    ckpt_io.check_compatible(old, load_config(None).to_dict(), tmp_path / "c.pt", defaults=defaults)
+    with pytest.raises(ckpt_io.CheckpointError, match=r"ft.share_lambdas: checkpoint '<missing>' vs config True"):
+        ckpt_io.check_compatible(old, load_config(None, ["ft.share_lambdas=true"]).to_dict(), tmp_path / "c.pt",
+                                 defaults=defaults)
+
+
 def test_non_checkpoint_files_are_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ckpt_io.CheckpointError, match="not a fastft checkpoint"):
@@ -121,3 +134,11 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, data_cache):
     with pytest.raises(Exception, match="larger than the 1437 training images"):
         train(cfg_for(tmp_path / "r", data_cache, **{"loader.batch_size": 5000}))
+
+
+def test_starting_a_finished_run_again_keeps_its_report(tmp_path, data_cache):
+    cfg = cfg_for(tmp_path, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 1, "knn.every": 1})
+    first = train(cfg)
+    assert first["knn_top1"] is not None and first["knn_init_top1"] is not None
+    again = train(cfg)  # nothing left to train: the report stands, nothing is measured again
+    assert again == first == json.loads((tmp_path / "summary.json").read_text())
