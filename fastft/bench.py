@@ -266,7 +266,23 @@ def build_config(args: argparse.Namespace, tmp: Path) -> Config:
         tqdm.write(f"fastft-bench: writing {args.synthetic_data} synthetic JPEGs into {root}", file=sys.stderr)
         write_synthetic_folder(root / cfg.data.train_split, args.synthetic_data)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(root)))
+        if "ffcv" in available_backends() and not cfg.loader.beton_dir:
+            cfg = _with_beton(cfg, root)
     return cfg
+
+
+def _with_beton(cfg: Config, root: Path) -> Config:
+    """The generated train split as a .beton beside it, stored as JPEG at its own resolution (as the source
+    files), so FFCV is measured on the same images as the other backends."""
+    from fastft.pipelines.convert import convert
+
+    betons = root / "betons"
+    beton = betons / f"{cfg.data.train_split}.beton"
+    if not beton.is_file():
+        betons.mkdir(parents=True, exist_ok=True)
+        tqdm.write(f"fastft-bench: converting them to {beton}", file=sys.stderr)
+        convert(str(root / cfg.data.train_split), beton, write_mode="jpg", force=True)
+    return dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, beton_dir=str(betons)))
 
 
 def run_bench(args: argparse.Namespace, tmp: Path) -> dict:

@@ -55,6 +55,9 @@ class LoaderConfig:
     batch_size: int = bounded(256, 1)  # per process
     workers: int = bounded(8, 0, 256)
     aug: Literal["mocov1", "mocov2"] = "mocov2"
+    # RandomResizedCrop's smallest area share for the pretraining views; 0 = the recipe's own (0.2). Tiny
+    # images need more: a 0.2 crop of an 8x8 digit is a 3x3 patch (configs/demo.yaml).
+    crop_scale_min: float = bounded(0.0, 0.0, 1.0)
     # Resize ratio for evaluation transforms: Resize(size / crop_ratio) then CenterCrop(size), as 256/224.
     eval_crop_ratio: float = bounded(0.875, 0.0, 1.0, lo_open=True)
     # ffcv: folder of `<split>.beton` files (train.beton, val.beton) written by fastft-convert-dataset, relative

@@ -43,6 +43,12 @@ AUG_SPECS: dict[str, tuple[Step, ...]] = {
 }
 
 
+def crop_step(aug: str, min_scale: float = 0.0) -> Step:
+    """The recipe's RandomResizedCrop; `min_scale` > 0 replaces its smallest area share (loader.crop_scale_min)."""
+    crop = AUG_SPECS[aug][0]
+    return crop if min_scale <= 0 else Step(crop.name, crop.p, {**crop.params, "scale": (min_scale, 1.0)})
+
+
 def blur_kernel_size(image_size: int) -> int:
     """About 10% of the image side, odd, at least 3 (23 at 224, the usual choice)."""
     k = int(0.1 * image_size)
@@ -66,9 +72,9 @@ def _torchvision_step(step: Step, image_size: int) -> torch.nn.Module:
     return t if step.p >= 1.0 else T.RandomApply([t], p=step.p)
 
 
-def torchvision_train_transform(aug: str, image_size: int) -> T.Compose:
+def torchvision_train_transform(aug: str, image_size: int, crop_scale_min: float = 0.0) -> T.Compose:
     """The reference semantics: torchvision transforms on PIL images, then ToTensor + ImageNet normalisation."""
-    steps = [_torchvision_step(s, image_size) for s in AUG_SPECS[aug]]
+    steps = [_torchvision_step(s, image_size) for s in (crop_step(aug, crop_scale_min), *AUG_SPECS[aug][1:])]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 

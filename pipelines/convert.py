@@ -179,26 +179,38 @@ class _WorkerWatch:
         self._ignore = _children()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # interrupt_main() does nothing for a signal Python does not handle, and a shell without job control
+        # starts background jobs with SIGINT ignored (a CI run hung so): interrupt through a signal of our own.
+        self._signum, self._previous = signal.SIGINT, None
+        if threading.current_thread() is threading.main_thread():
+            self._signum, self._previous = _WAKE, signal.signal(_WAKE, _raise_interrupt)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            dead = [] if _INTERRUPTED.is_set() else _dead_children(self._ignore)
+        while not self._stop.wait(0.2):  # repeated until close(), in case one lands where it is swallowed
+            dead = [] if _INTERRUPTED.is_set() or self.died else _dead_children(self._ignore)
             with self._lock:
                 if self._stop.is_set():
                     return
-                if _INTERRUPTED.is_set():
-                    _thread.interrupt_main()
-                elif dead:
-                    self.died.extend(dead)
-                    _thread.interrupt_main()
-                    return
+                self.died.extend(dead)
+                if _INTERRUPTED.is_set() or self.died:
+                    _thread.interrupt_main(self._signum)
 
     def close(self) -> None:
         with self._lock:
             self._stop.set()
         self._thread.join()
+        if self._previous is not None:
+            signal.signal(_WAKE, self._previous)
+            self._previous = None
+
+
+_WAKE = signal.SIGUSR1  # the watch's own interrupt; its handler is installed only while a conversion runs
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _remove(*paths: Path) -> None:

@@ -33,7 +33,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import batch_augment, color_numba
-from .augment import AUG_SPECS, IMAGENET_MEAN, IMAGENET_STD, Step, blur_kernel_size
+from .augment import AUG_SPECS, IMAGENET_MEAN, IMAGENET_STD, Step, blur_kernel_size, crop_step
 
 MEAN255 = [255 * m for m in IMAGENET_MEAN]
 STD255 = [255 * s for s in IMAGENET_STD]
@@ -135,9 +135,9 @@ def _coin(p: float):
     return fn.cast(fn.random.coin_flip(probability=p), dtype=types.BOOL)
 
 
-def _view(images, aug: str, size: int, color_in_graph: bool):
+def _view(images, aug: str, size: int, color_in_graph: bool, crop_scale_min: float):
     """One augmented view of the decoded images: uint8 HWC and the mirror flag (applied by the caller)."""
-    crop, *steps = AUG_SPECS[aug]
+    crop, steps = crop_step(aug, crop_scale_min), AUG_SPECS[aug][1:]
     v = fn.random_resized_crop(images, size=(size, size), random_area=list(crop.params["scale"]),
                                random_aspect_ratio=list(crop.params["ratio"]), antialias=True)
     mirror = 0
@@ -169,11 +169,12 @@ def _finish(v, mirror, normalise: bool):
 
 
 @pipeline_def(enable_conditionals=True)
-def _train_graph(files, labels, shard_id, num_shards, decode_device, aug, size, color_in_graph):
+def _train_graph(files, labels, shard_id, num_shards, decode_device, aug, size, color_in_graph, crop_scale_min):
     jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                    pad_last_batch=True, random_shuffle=False, name="Reader")
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    views = [_finish(*_view(images, aug, size, color_in_graph), normalise=color_in_graph) for _ in range(2)]
+    views = [_finish(*_view(images, aug, size, color_in_graph, crop_scale_min), normalise=color_in_graph)
+             for _ in range(2)]
     return views[0], views[1], label
 
 
@@ -205,8 +206,10 @@ class DALILoader:
 
     def __init__(self, dataset, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875):
+                 channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
+                 crop_scale_min: float = 0.0):
         self.dataset = dataset  # a SubsetImageFolder: .samples (path, label), .classes
+        self.crop_scale_min = crop_scale_min
         if len(dataset) == 0:
             raise ValueError(f"{dataset.root}: no images")
         self.batch_size, self.threads, self.device, self.train = batch_size, max(1, workers), device, train
@@ -250,7 +253,8 @@ class DALILoader:
                                **common)
         order = epoch_files(len(paths), self.seed, self.epoch, self.world_size, shuffle=True)
         return _train_graph([paths[i] for i in order], [labels[i] for i in order], self.rank, self.world_size,
-                            "mixed" if gpu else "cpu", self.aug, self.image_size, self.color_in_graph, **common)
+                            "mixed" if gpu else "cpu", self.aug, self.image_size, self.color_in_graph, self.crop_scale_min,
+                            **common)
 
     def _to_nchw(self, x: torch.Tensor) -> torch.Tensor:
         """DALI's NHWC output -> the interface's NCHW (a channels-last view: no copy)."""

@@ -39,7 +39,7 @@ from ffcv.writer import DatasetWriter
 from torch.utils.data import DistributedSampler
 
 from . import batch_augment, color_numba
-from .augment import AUG_SPECS, blur_kernel_size
+from .augment import blur_kernel_size, crop_step
 
 META_FORMAT = "fastft-beton/1"
 
@@ -280,7 +280,8 @@ class FFCVLoader:
 
     def __init__(self, beton: str | Path, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = True, color: str = "auto", eval_crop_ratio: float = 0.875):
+                 channels_last: bool = True, color: str = "auto", eval_crop_ratio: float = 0.875,
+                 crop_scale_min: float = 0.0):
         self.dataset = BetonInfo(beton)
         if len(self.dataset) == 0:
             raise ValueError(f"{beton}: holds no readable images")
@@ -291,7 +292,7 @@ class FFCVLoader:
         self.color = ("numba" if device.type == "cpu" else "torch") if color == "auto" else color
         on_gpu = device.type == "cuda"
         if train:
-            crop = AUG_SPECS[aug][0].params
+            crop = crop_step(aug, crop_scale_min).params
             image = [TwoViewCropDecoder(image_size, crop["scale"], crop["ratio"])]
             if self.color == "numba":
                 image.append(TwoViewColorOps(aug, image_size))

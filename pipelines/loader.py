@@ -88,7 +88,8 @@ def _fast_loader(cfg: Config, split: str, device: torch.device, train: bool, ran
     backend = cfg.loader.backend
     _require(backend)
     kw = dict(train=train, aug=cfg.loader.aug, image_size=cfg.data.image_size, seed=cfg.run.seed, rank=rank,
-              world_size=world_size, channels_last=cfg.run.channels_last, eval_crop_ratio=cfg.loader.eval_crop_ratio)
+              world_size=world_size, channels_last=cfg.run.channels_last, eval_crop_ratio=cfg.loader.eval_crop_ratio,
+              crop_scale_min=cfg.loader.crop_scale_min)
     if backend == "dali":
         from .dali_loader import DALILoader
 
@@ -107,7 +108,7 @@ def pretrain_loader(cfg: Config, device: torch.device, rank: int = 0, world_size
     """(view1, view2, labels) batches of the train split, two independently augmented views per image."""
     if cfg.loader.backend != "torchvision":
         return _fast_loader(cfg, cfg.data.train_split, device, True, rank, world_size)
-    transform = TwoViews(torchvision_train_transform(cfg.loader.aug, cfg.data.image_size))
+    transform = TwoViews(torchvision_train_transform(cfg.loader.aug, cfg.data.image_size, cfg.loader.crop_scale_min))
     ds = _dataset(cfg, cfg.data.train_split, transform)
     return TorchvisionLoader(ds, cfg.loader.batch_size, cfg.loader.workers, device, train=True, seed=cfg.run.seed,
                              rank=rank, world_size=world_size, channels_last=cfg.run.channels_last)

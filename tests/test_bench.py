@@ -11,6 +11,7 @@ from conftest import tiny_overrides
 from fastft.bench import Settings, loader_plan, main, verdict
 from fastft.bench_timing import PHASES
 from fastft.pipelines.bench import interleaved
+from fastft.pipelines.loader import available_backends
 
 DEMO = "configs/demo.yaml"
 TINY = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--repeats", "3", "--kernel-iters", "2"]
@@ -100,6 +101,21 @@ def test_train_on_generated_jpegs(tmp_path, data_cache, capsys):
     assert res["train"]["data_wait_fraction"] > 0.02
     assert rec["verdict"]["bottleneck"] in ("data", "model")
     assert "not measured: kernel" in rec["verdict"]["text"]
+
+
+@pytest.mark.skipif("ffcv" not in available_backends(), reason="needs the ffcv extra")
+def test_loader_mode_on_generated_jpegs_reads_them_through_every_backend(tmp_path, data_cache, capsys):
+    """The loader issue's comparison: the same generated JPEGs through each backend, FFCV from a .beton of them
+    stored at their own resolution."""
+    jpegs = tmp_path / "jpegs"
+    rec, _ = run_json(tmp_path, ["loader", "--config", DEMO, *TINY, "--synthetic-data", "40", "--synthetic-dir",
+                                 str(jpegs), *overrides(tmp_path, data_cache, **{"data.image_size": 16})], capsys)
+    from fastft.pipelines.ffcv_loader import BetonInfo
+
+    assert len(BetonInfo(jpegs / "betons" / "train.beton")) == 40
+    backends = rec["results"]["loader"]["backends"]
+    assert set(backends) == set(available_backends())
+    assert all(b["images_per_s"] > 0 and b["views_per_s"] == 2 * b["images_per_s"] for b in backends.values())
 
 
 def test_kernel_mode_compares_triton_under_the_interpreter(tmp_path, data_cache):

@@ -94,6 +94,19 @@ def test_probe_beats_random_init_on_a_better_encoder(tmp_path, data_cache):
     assert better.n_val == random_init.n_val == 360 and random_init.top1 <= random_init.top5
 
 
+def test_the_demo_encoder_beats_random_init_under_the_same_probe(tmp_path, data_cache):
+    """configs/demo.yaml as `make demo` runs it (10 epochs of MoCo v2 + negative interpolation at 8x8, then its
+    30-epoch probe on cached features), but for the kNN monitor: the pretrained encoder must beat the same
+    architecture at random initialisation (measured: 0.9361 vs 0.9194, the README's numbers)."""
+    cfg = load_config("configs/demo.yaml", [f"data.cache_dir={data_cache}", f"run.out_dir={tmp_path}", "knn.every=0",
+                                            "run.progress=false", "run.tensorboard=false"])
+    train(cfg)
+    trained = linear.probe(cfg, load_backbone(ckpt_io.list_checkpoints(tmp_path)[0], cfg.model))
+    random_init = linear.probe(cfg, random_backbone(cfg.model, cfg.run.seed))
+    print(f"probe top-1: demo encoder {trained.top1:.4f} random init {random_init.top1:.4f}")
+    assert trained.top1 > random_init.top1
+
+
 def test_compare_cli_records_both_probes_once(pretrained, data_cache, capsys):
     out, ckpt, summary = pretrained
     argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **{**PRETRAIN, **PROBE}),

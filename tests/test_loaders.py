@@ -107,22 +107,24 @@ def datasets(tmp_path_factory):
 
 
 def make_loader(variant: str, data: tuple, aug: str, size: int, batch: int, *, rank: int = 0, world: int = 1,
-                seed: int = 0):
+                seed: int = 0, crop_scale_min: float = 0.0):
     root, beton = data
     kind, _, color = variant.partition("-")
     if kind == "torchvision":
-        transform = torchvision_train_transform(aug, size) if color != "tensor" else tensor_transform(aug, size)
+        transform = torchvision_train_transform(aug, size, crop_scale_min) if color != "tensor" \
+            else tensor_transform(aug, size)
         ds = SubsetImageFolder(root, transform=TwoViews(transform))
         return TorchvisionLoader(ds, batch, 0, CPU, train=True, seed=seed, rank=rank, world_size=world)
     if kind == "dali":
         from fastft.pipelines.dali_loader import DALILoader
 
         return DALILoader(SubsetImageFolder(root), batch, 2, CPU, train=True, aug=aug, image_size=size, seed=seed,
-                          rank=rank, world_size=world, color_ops="loader" if color == "graph" else "auto")
+                          rank=rank, world_size=world, color_ops="loader" if color == "graph" else "auto",
+                          crop_scale_min=crop_scale_min)
     from fastft.pipelines.ffcv_loader import FFCVLoader
 
     return FFCVLoader(beton, batch, 2, CPU, train=True, aug=aug, image_size=size, seed=seed, rank=rank,
-                      world_size=world, color=color)
+                      world_size=world, color=color, crop_scale_min=crop_scale_min)
 
 
 def tensor_transform(aug: str, size: int) -> TT.Compose:
@@ -266,6 +268,14 @@ def test_crop_area_aspect_and_flip_match_torchvision(variant, datasets, referenc
     assert ks(got["area"], wide["area"]) < 1e-6, "cannot tell scale (0.2, 1) from (0.08, 1)"
     assert 0.19 < got["area"].min() and got["area"].max() <= 1.02
     assert stats.binomtest(int(got["flip"].sum()), len(got["flip"]), 0.5).pvalue > ALPHA
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "dali-graph", "ffcv-numba"])
+def test_crop_scale_min_reaches_every_backend(variant, datasets):
+    """loader.crop_scale_min (here 0.6) replaces the recipe's 0.2 in every backend's crop."""
+    got = crop_stats(collect(make_loader(variant, datasets["coords"], "t_geom", 32, 16, crop_scale_min=0.6), 300))
+    assert 0.57 < got["area"].min() and got["area"].max() <= 1.02
+    assert (got["area"] < 0.8).any()  # still random: the small end of (0.6, 1) is drawn
 
 
 @pytest.fixture(scope="module")
