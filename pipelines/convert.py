@@ -179,38 +179,35 @@ class _WorkerWatch:
         self._ignore = _children()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        # interrupt_main() does nothing for a signal Python does not handle, and a shell without job control
-        # starts background jobs with SIGINT ignored (a CI run hung so): interrupt through a signal of our own.
-        self._signum, self._previous = signal.SIGINT, None
-        if threading.current_thread() is threading.main_thread():
-            self._signum, self._previous = _WAKE, signal.signal(_WAKE, _raise_interrupt)
+        # interrupt_main() does nothing while SIGINT is not handled by Python, as in a job that a shell without
+        # job control started in the background (a CI run hung so): handle it for as long as the watch runs.
+        self._sigint = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):  # repeated until close(), in case one lands where it is swallowed
-            dead = [] if _INTERRUPTED.is_set() or self.died else _dead_children(self._ignore)
+        while not self._stop.wait(0.2):
+            dead = [] if _INTERRUPTED.is_set() else _dead_children(self._ignore)
             with self._lock:
                 if self._stop.is_set():
                     return
-                self.died.extend(dead)
-                if _INTERRUPTED.is_set() or self.died:
-                    _thread.interrupt_main(self._signum)
+                if _INTERRUPTED.is_set():
+                    _thread.interrupt_main()
+                elif dead:
+                    self.died.extend(dead)
+                    _thread.interrupt_main()
+                    return
 
     def close(self) -> None:
         with self._lock:
             self._stop.set()
         self._thread.join()
-        if self._previous is not None:
-            signal.signal(_WAKE, self._previous)
-            self._previous = None
-
-
-_WAKE = signal.SIGUSR1  # the watch's own interrupt; its handler is installed only while a conversion runs
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
 
 def _remove(*paths: Path) -> None:
@@ -343,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"fastft-convert-dataset: interrupted; {args.out} was not written", file=sys.stderr)
+        if argv is None:
+            # As a command, leave now (the output is already cleaned up): the interrupt can land while the
+            # writer's multiprocessing queue holds its lock, and that queue's finalizer, run when this
+            # exception's frames are freed, then waits on the lock for ever (seen: 1 run in 4 hung so).
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     finally:
         for sig, handler in previous.items():
