@@ -36,7 +36,9 @@ demo: install
 ablation: install
 	$(PY) -m fastft.ablation $(ARGS)
 
+# The import rules first (seconds), then the suite.
 test: install
+	$(PY) scripts/lint_imports.py
 	$(PY) -m pytest -q tests $(ARGS)
 
 clean:

@@ -27,6 +27,8 @@ import yaml
 
 from . import checkpoint as ckpt_io
 from .config import ConfigError, load_config
+from .atomic import write_json, write_text
+from .metrics import read_metrics
 from .score_stats import ScoresError, read_scores
 
 RUN_FILE = "ablation_run.json"  # per run: the command that trained it and how long it took
@@ -51,19 +53,6 @@ class RunResult:
     final_loss: float | None = None  # mean loss of the last epoch
     queue_size: int | None = None
     last_epoch: dict[str, float] = field(default_factory=dict)  # score means over the last epoch's steps
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def final_knn(records: list[dict], epochs: int) -> float | None:
@@ -96,7 +85,7 @@ def train_command(config: Path, run_dir: Path, seed: int, epochs: int, overrides
 
 def finished_with_same_config(cmd: list[str], run_dir: Path, epochs: int) -> bool:
     """Whether `run_dir` already holds this exact run, finished (so it is not trained again)."""
-    if final_knn(read_records(run_dir), epochs) is None or not (run_dir / "config.yaml").is_file():
+    if final_knn(read_metrics(run_dir), epochs) is None or not (run_dir / "config.yaml").is_file():
         return False
     wanted = load_config(cmd[3], cmd[4:]).to_dict()
     ckpt_io.check_compatible(yaml.safe_load((run_dir / "config.yaml").read_text()), wanted, run_dir / "config.yaml")
@@ -123,12 +112,12 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> RunResult:
         with open(run_dir / "train.log", "a") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         res.seconds = time.perf_counter() - t0
-        (run_dir / RUN_FILE).write_text(json.dumps({"command": shlex.join(cmd[1:]), "seconds": res.seconds,
-                                                    "threads": args.threads or None}) + "\n")
+        write_json(run_dir / RUN_FILE, {"command": shlex.join(cmd[1:]), "seconds": res.seconds,
+                                        "threads": args.threads or None}, indent=None)
         if proc.returncode != 0:
             tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-15:])
             raise RuntimeError(f"training {run_dir} failed (exit {proc.returncode}); end of {run_dir / 'train.log'}:\n{tail}")
-    records = read_records(run_dir)
+    records = read_metrics(run_dir)
     res.knn_top1, res.knn_init_top1 = final_knn(records, args.epochs), init_knn(records)
     losses = [r["loss"] for r in records if r.get("kind") == "epoch" and r.get("epoch") == args.epochs]
     res.final_loss = losses[-1] if losses else None
@@ -314,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastft.ablation: error: {e}", file=sys.stderr)
         return 2
     text = markdown(results, args, command, time.perf_counter() - t0, index)
-    tmp = Path(args.table).with_name(f".{Path(args.table).name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.table)
+    write_text(args.table, text)
     print(f"fastft.ablation: table in {args.table}, figures in {index}")
     return 0
 

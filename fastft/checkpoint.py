@@ -1,19 +1,17 @@
-"""Atomic, exactly-resumable checkpoints.
-
-Written to a temp file in the same folder, fsynced, then renamed over the target: a process killed while
-writing leaves the previous checkpoint untouched. Loaded with `weights_only=True` (no arbitrary pickles).
+"""Exactly-resumable checkpoints: written atomically (fastft/atomic.py), loaded with `weights_only=True` (no
+arbitrary pickles), refused with a reason when they do not fit the run that wants them.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
+
+from .atomic import write_atomic
 
 FORMAT = "fastft-checkpoint"
 VERSION = 1
@@ -42,25 +40,12 @@ def checkpoint_path(out_dir: str | Path, epoch: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
 
-def save_atomic(obj: Any, path: str | Path, dump: Callable[[Any, BinaryIO], None] = torch.save) -> None:
-    """Write `obj` with `dump` (torch.save; pickle.dump for plain pickles) so `path` is whole or untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+def save(ckpt: dict, out_dir: str | Path, epoch: int, keep: int) -> Path:
+    """Write `ckpt` as the checkpoint of `epoch` and keep only the `keep` newest."""
+    path = checkpoint_path(out_dir, epoch)
+    write_atomic(path, ckpt)
+    prune(out_dir, keep)
+    return path
 
 
 def load(path: str | Path) -> dict:

@@ -63,9 +63,11 @@ class LoaderConfig:
     # ffcv: folder of `<split>.beton` files (train.beton, val.beton) written by fastft-convert-dataset, relative
     # to the config file. "" = a built-in dataset is converted on first use into data.cache_dir.
     beton_dir: str = ""
-    # dali/ffcv: where jitter, grayscale and blur run. loader: inside the loader (DALI ops, numba for ffcv);
-    # device: batched tensor ops on the training device after it; auto: loader, except ffcv on a GPU -> device.
-    color_ops: Literal["auto", "loader", "device"] = "auto"
+    # dali/ffcv: the executor of the steps after the crop (jitter, grayscale, blur, flip). numba: kernels on the
+    # CPU, in the loader's threads (pipelines/color_numba.py); torch: batched tensor ops on the training device
+    # (pipelines/batch_augment.py); auto: numba on the CPU when numba is installed, else torch; torch on a GPU
+    # (pipelines/spec.py: color_executor). torchvision, the reference, runs its own PIL transforms: ignored.
+    color_ops: Literal["auto", "numba", "torch"] = "auto"
 
 
 @dataclass
@@ -85,7 +87,7 @@ class ModelConfig:
 
 @dataclass
 class FTConfig:
-    """Feature Transformation (DESIGN.md section 1). Defaults are the authors'."""
+    """Feature Transformation (fastft/feature_transform.py, docs/design.md section 1). Defaults are the authors'."""
     pos: Literal["none", "extrapolate", "interpolate"] = "extrapolate"
     neg: Literal["none", "interpolate"] = "interpolate"
     alpha_pos: float = bounded(2.0, 0.0, None, lo_open=True)
@@ -172,7 +174,7 @@ class LinearConfig:
 
 @dataclass
 class ScoresConfig:
-    """Pos/neg score statistics (fastft/score_stats.py, DESIGN.md section 2); logging only, never the training."""
+    """Pos/neg score statistics (fastft/score_stats.py, docs/design.md section 2); logging only, never the training."""
     enabled: bool = True
     flush_every: int = bounded(200, 1)  # steps per chunk written to <out_dir>/scores (also flushed at epoch end)
     # Also record the clean q, k against the stored queue, to see what Feature Transformation changes.

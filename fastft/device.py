@@ -16,6 +16,6 @@ def pick_device(name: str) -> torch.device:
 
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        # bf16 is ~10x slower than fp32 on CPUs without bf16 instructions (measured, DESIGN.md section 4).
+        # bf16 is ~10x slower than fp32 on CPUs without bf16 instructions (measured, docs/design.md section 4).
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -19,10 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import checkpoint as ckpt_io
+from . import cli
+from .atomic import write_atomic
 from .checkpoint import CheckpointError
 from .encoder import build_backbone
 from .pretrained import BackboneInfo, read_backbone
@@ -94,15 +94,14 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, allow_small_stem: bool =
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: the query backbone is not a torchvision {info.arch}: {e}") from e
     if fmt == "torchvision":
-        ckpt_io.save_atomic(to_torchvision(state), out)
+        write_atomic(out, to_torchvision(state))
     else:
-        ckpt_io.save_atomic(to_detectron2(state), out, dump=pickle.dump)
+        write_atomic(out, to_detectron2(state), dump=pickle.dump)
     return info
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fastft-export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("fastft-export", __doc__)
     ap.add_argument("checkpoint", help="a pretraining checkpoint, e.g. runs/in1k/checkpoints/epoch_0200.pt")
     ap.add_argument("--format", required=True, choices=FORMATS)
     ap.add_argument("out", help="output file (.pth for torchvision, .pkl for detectron2)")
@@ -113,18 +112,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         info = export(args.checkpoint, args.format, args.out, args.allow_small_stem)
-    except (CheckpointError, ValueError) as e:
-        print(f"fastft-export: error: {e}", file=sys.stderr)
-        return 2
-    how = ("load with: model = torchvision.models.{a}(); model.fc = torch.nn.Identity(); "
-           "model.load_state_dict(torch.load({o!r}), strict=True)" if args.format == "torchvision" else
-           "use as MODEL.WEIGHTS in a detectron2 config (INPUT.FORMAT RGB, ImageNet PIXEL_MEAN/STD, "
-           "RESNETS.STRIDE_IN_1X1 False, as MoCo's detection configs)").format(a=info.arch, o=str(args.out))
-    print(f"wrote {args.out}: {info.arch} query backbone, epoch {info.epoch} step {info.step}, "
-          f"{args.format} format; {how}")
-    return 0
+        how = ("load with: model = torchvision.models.{a}(); model.fc = torch.nn.Identity(); "
+               "model.load_state_dict(torch.load({o!r}), strict=True)" if args.format == "torchvision" else
+               "use as MODEL.WEIGHTS in a detectron2 config (INPUT.FORMAT RGB, ImageNet PIXEL_MEAN/STD, "
+               "RESNETS.STRIDE_IN_1X1 False, as MoCo's detection configs)").format(a=info.arch, o=str(args.out))
+        print(f"wrote {args.out}: {info.arch} query backbone, epoch {info.epoch} step {info.step}, "
+              f"{args.format} format; {how}")
+
+    return cli.run("fastft-export", body, errors=(CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

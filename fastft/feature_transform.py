@@ -1,12 +1,15 @@
-"""Feature Transformation (Zhu et al., ICCV 2021), exactly as the authors' code does it.
+"""Feature Transformation (Zhu et al., ICCV 2021), exactly as the authors' code does it: the whole method.
 
 Positive extrapolation (harder positives), lam_p = 1 + Beta(a_p, a_p) in [1, 2]:
     q_hat = lam_p * q + (1 - lam_p) * k
     k_hat = lam_p * k + (1 - lam_p) * q        # the ORIGINAL q: gradient reaches q through k_hat too
 Negative interpolation (more diverse negatives), lam_n = Beta(a_n, a_n) in [0, 1], perm = randperm(K):
-    neg = lam_n * queue + (1 - lam_n) * queue[perm]   # for this step's logits only (see kernels.reference)
+    neg = lam_n * queue + (1 - lam_n) * queue[perm]   # for this step's logits only; the queue is untouched
 
-By default one scalar lambda each per step per process, no re-normalisation after mixing.
+By default one scalar lambda each per step per process, no re-normalisation after mixing (docs/design.md,
+section 1). The negative mix is described by a `NegativeMix` (lam_n, perm) that every loss implementation
+consumes: the torch loss forms it with `NegativeMix.apply`, the Triton kernel forms the same mix in registers
+(kernels/infonce_triton.py) and is checked against `apply` (tests/test_loss.py).
 
 Scalar lambdas and the permutation come from this object's own generators, seeded from (seed, stream): with
 stream = rank every process draws its own (the authors' behaviour), with one stream for all ranks
@@ -24,17 +27,38 @@ import torch.nn.functional as F
 
 from .config import FTConfig
 
+Lambda = float | torch.Tensor  # a scalar per step, or a per-element mask ([N, C] positives, [K, C] negatives)
+
+
+@dataclass(frozen=True)
+class NegativeMix:
+    """This step's negative interpolation: neg = lam * queue + (1 - lam) * queue[perm]."""
+    lam: Lambda
+    perm: torch.Tensor  # [K] permutation of the queue rows
+
+    @property
+    def scalar(self) -> bool:
+        """One lambda for every element (the authors' default), as the fused kernel takes it."""
+        return not (isinstance(self.lam, torch.Tensor) and self.lam.dim() > 0)
+
+    def apply(self, queue: torch.Tensor) -> torch.Tensor:
+        """The mixed negatives: a fresh [K, C] tensor in the queue's dtype; `queue` is read, never written."""
+        return self.lam * queue + (1 - self.lam) * queue[self.perm]
+
 
 @dataclass
 class FTDraw:
     """This step's random draws; None where that half of FT is off."""
-    lam_p: float | torch.Tensor | None = None
-    lam_n: float | torch.Tensor | None = None
-    perm: torch.Tensor | None = None
+    lam_p: Lambda | None = None
+    mix: NegativeMix | None = None
+
+    @property
+    def transformed(self) -> bool:
+        return self.lam_p is not None or self.mix is not None
 
 
 def sample_lambda(dist: str, alpha: float, shape: tuple[int, ...], device: torch.device,
-                  rng: np.random.Generator | None = None) -> float | torch.Tensor:
+                  rng: np.random.Generator | None = None) -> Lambda:
     """Beta(alpha, alpha) or U(0, 1): a float drawn from `rng` when `shape` is (), else a tensor on `device`."""
     if not shape:
         rng = rng if rng is not None else np.random.default_rng()
@@ -45,7 +69,7 @@ def sample_lambda(dist: str, alpha: float, shape: tuple[int, ...], device: torch
     return torch.rand(shape, device=device)
 
 
-def transform_positives(q: torch.Tensor, k: torch.Tensor, lam_p: float | torch.Tensor,
+def transform_positives(q: torch.Tensor, k: torch.Tensor, lam_p: Lambda,
                         renorm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     q_hat = lam_p * q + (1 - lam_p) * k
     k_hat = lam_p * k + (1 - lam_p) * q
@@ -94,9 +118,10 @@ class FeatureTransform:
                                 self.rng)
             out.lam_p = 1 + lam if self.cfg.pos == "extrapolate" else lam
         if self.cfg.neg != "none":
-            out.lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device,
-                                      self.rng)
-            out.perm = torch.randperm(kq, device=queue.device, generator=self.perm_generator(queue.device))
+            lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device,
+                                  self.rng)
+            perm = torch.randperm(kq, device=queue.device, generator=self.perm_generator(queue.device))
+            out.mix = NegativeMix(lam_n, perm)
         return out
 
     def positives(self, q: torch.Tensor, k: torch.Tensor, draw: FTDraw) -> tuple[torch.Tensor, torch.Tensor]:

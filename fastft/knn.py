@@ -1,13 +1,9 @@
 """Weighted kNN evaluation (Wu et al. 2018; the monitor MoCo users watch): cosine similarity, top-k
-neighbours voting with weight exp(sim / T).
-
-Also on its own: `python -m fastft.knn CONFIG [--pretrained CKPT | --random-init | --pixels] [key=value ...]`
-(without --pretrained: the newest checkpoint in run.out_dir).
+neighbours voting with weight exp(sim / T). The trainer runs it every knn.every epochs; `fastft-knn`
+(fastft/knn_cli.py) runs it on its own.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -15,12 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastft.pipelines.loader import eval_loader
-
-from . import checkpoint as ckpt_io
-from .config import Config, ConfigError, load_config
-from .device import pick_device, pick_precision
-from .pretrained import pick_backbone
+from .config import Config
+from .data import eval_loader
 
 
 @torch.no_grad()
@@ -83,42 +75,3 @@ def evaluate_knn(model: nn.Module, cfg: Config, device: torch.device, dtype: tor
         return knn_features((lambda x: x) if pixels else model.encoder_q.backbone, cfg, device, dtype)
     finally:
         model.train(was_training)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fastft.knn", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML config file (the one the encoder was pretrained with)")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. knn.k=20")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--pretrained", metavar="CKPT", help="pretraining checkpoint (default: newest in run.out_dir)")
-    which.add_argument("--random-init", action="store_true", help="the same architecture at random initialisation")
-    which.add_argument("--pixels", action="store_true", help="raw pixels (eval transform), no encoder")
-    return ap.parse_intermixed_args(argv)  # options may come before, between or after the overrides
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        device = pick_device(cfg.run.device)
-        dtype = pick_precision(cfg.run.precision, device)
-        if args.pixels:
-            encode, what = (lambda x: x), "raw pixels"
-        else:
-            backbone = pick_backbone(cfg, args.pretrained, args.random_init)
-            encode = backbone.module.to(device).eval()
-            if cfg.run.channels_last:
-                encode = encode.to(memory_format=torch.channels_last)
-            what = backbone.info.describe()
-        res = knn_features(encode, cfg, device, dtype)
-    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as e:
-        print(f"fastft.knn: error: {e}", file=sys.stderr)
-        return 2
-    print(f"kNN top-1 on {cfg.data.val_split} (k {cfg.knn.k}, T {cfg.knn.temperature}; {res.n_train} train / "
-          f"{res.n_val} val images): {res.top1:.4f}  [{what}]")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-"""Linear evaluation: `python -m fastft.linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
+"""Linear evaluation: `fastft-linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
 
-The MoCo protocol (DESIGN.md section 1): the query backbone is frozen (eval-mode BatchNorm, no gradient), one
+The MoCo protocol (docs/design.md, section 1): the query backbone is frozen (eval-mode BatchNorm, no gradient), one
 linear layer on its features is trained with SGD (`linear.*`; defaults lr 30, momentum 0.9, wd 0, batch 256,
 100 epochs, lr x0.1 at epochs 60 and 80) on RandomResizedCrop + flip views of the train split, and top-1 /
 top-5 are measured on the val split (Resize / CenterCrop). Without --pretrained the newest checkpoint in
@@ -27,17 +27,18 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from fastft.pipelines.loader import eval_loader, linear_loader
 
 from . import checkpoint as ckpt_io
+from . import cli
 from .config import Config, ConfigError, LinearConfig, load_config
+from .data import eval_loader, linear_loader
 from .device import pick_device, pick_precision
-from .distributed import all_reduce_mean, cleanup, is_main, rank, setup, world_size
+from .distributed import is_main, rank, setup, world_size
 from .metrics import MetricsLog, read_metrics
 from .pretrained import Backbone, BackboneInfo, pick_backbone, random_backbone
+from .resumable import ResumableRun, mean_loss
 
+RESULT = "result.json"  # the finished probe's numbers, in its folder
 PROBE_KIND = "linear-probe"  # marks probe checkpoints: they hold a classifier, not an encoder
 # linear.* keys that change where output goes or how often val is measured, not the trained classifier.
 _PROBE_FREE_KEYS = {"resume", "eval_every", "out_dir"}
@@ -143,15 +144,18 @@ class CachedFeatures:
             yield feats[idx], labels[idx]
 
 
-class LinearProbe:
+class LinearProbe(ResumableRun):
+    name = "linear probe"
+
     def __init__(self, cfg: Config, backbone: Backbone):
         self.cfg, self.lin, self.info = cfg, cfg.linear, backbone.info
         self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         dtype = pick_precision(cfg.run.precision, self.device)
-        self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
         self.run_dir = Path(cfg.run.out_dir)
         # One folder per encoder (epoch_0020, random_init): probes of several checkpoints never collide.
-        self.out_dir = (Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear") / self.info.name
+        super().__init__((Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear") / self.info.name,
+                         self.lin.epochs, cfg.run, self.lin.resume)
+        self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
         self.identity = probe_identity(cfg, self.info)
         torch.manual_seed(cfg.run.seed + rank())  # the classifier's init and the augmentations of worker-less loading
 
@@ -180,20 +184,13 @@ class LinearProbe:
             self.head, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lin.lr, momentum=self.lin.momentum,
                                          weight_decay=self.lin.weight_decay)
-        self.epoch = 0  # probe epochs completed
-        self.step = 0
-        self.history: list[float] = []  # mean train loss per epoch
         self.result: ProbeResult | None = None  # set after the last epoch
-        self.log = MetricsLog(self.out_dir, enabled=is_main(), tensorboard=cfg.run.tensorboard)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {
-            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": PROBE_KIND, "config": self.cfg.to_dict(),
-            "identity": self.identity, "encoder": asdict(self.info), "epoch": self.epoch, "step": self.step,
-            "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": ckpt_io.rng_state(),
-            "history": self.history, "result": asdict(self.result) if self.result else None,
-        }
+        return {"kind": PROBE_KIND, "config": self.cfg.to_dict(), "identity": self.identity,
+                "encoder": asdict(self.info), "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "result": asdict(self.result) if self.result else None}
 
     def restore(self, ckpt: dict, path: Path) -> None:
         if ckpt.get("kind") != PROBE_KIND:
@@ -203,44 +200,16 @@ class LinearProbe:
                                  hint=_RESUME_HINT)
         self.head.load_state_dict(ckpt["head"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        ckpt_io.set_rng_state(ckpt["rng"])
-        self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
         self.result = ProbeResult(**ckpt["result"]) if ckpt["result"] else None
-        self.log.truncate_after(self.step)
-
-    def maybe_resume(self) -> None:
-        mode = self.lin.resume
-        if mode == "none":
-            return
-        if mode == "auto":
-            found = ckpt_io.newest_good(self.out_dir)
-            if found is None:
-                return
-            path, ckpt = found
-        else:
-            path = Path(mode)
-            ckpt = ckpt_io.load(path)
-        self.restore(ckpt, path)
-        self.say(f"linear probe: resumed from {path} (epoch {self.epoch})")
-
-    def save(self) -> None:
-        if is_main():
-            ckpt_io.save_atomic(self.state(), ckpt_io.checkpoint_path(self.out_dir, self.epoch))
-            ckpt_io.prune(self.out_dir, self.cfg.run.keep_ckpts)
 
     # -- train / evaluate -------------------------------------------------------------------------------------
-    def say(self, msg: str) -> None:
-        if is_main():
-            tqdm.write(msg)
-
-    def train_epoch(self) -> tuple[float, float]:
-        lr = lr_at_epoch(self.lin, self.epoch)
+    def train_epoch(self) -> float:
+        self.lr = lr_at_epoch(self.lin, self.epoch)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = self.lr
         self.head.train()
         losses = torch.zeros(self.steps_per_epoch, device=self.device)  # on device: no sync per step
-        bar = tqdm(total=self.steps_per_epoch, desc=f"linear {self.epoch + 1}/{self.lin.epochs}", leave=False,
-                   disable=not (self.cfg.run.progress and is_main()), dynamic_ncols=True)
+        bar = self.progress(self.steps_per_epoch, f"linear {self.epoch + 1}/{self.epochs}")
         for i, (feats, labels) in enumerate(itertools.islice(self.train_data.epoch(self.epoch), self.steps_per_epoch)):
             loss = F.cross_entropy(self.train_head(feats), labels)
             self.optimizer.zero_grad(set_to_none=True)
@@ -250,10 +219,10 @@ class LinearProbe:
             self.step += 1
             bar.update(1)
             if self.step % self.cfg.run.log_every == 0:
-                bar.set_postfix(loss=f"{losses[i].item():.4f}", lr=f"{lr:.4g}")
+                bar.set_postfix(loss=f"{losses[i].item():.4f}", lr=f"{self.lr:.4g}")
         bar.close()
         self.epoch += 1
-        return all_reduce_mean(losses.mean()).item(), lr  # over every rank's shard, as one process would log
+        return mean_loss(losses)  # over every rank's shard, as one process would log
 
     @torch.no_grad()
     def evaluate(self) -> ProbeResult:
@@ -270,37 +239,30 @@ class LinearProbe:
             n += len(y)
         return ProbeResult(correct[0] / n, correct[1] / n, n)
 
+    def end_epoch(self, loss: float) -> dict:
+        record = {"kind": "linear_epoch", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.lr}
+        last = self.epoch == self.epochs
+        if last or (self.lin.eval_every and self.epoch % self.lin.eval_every == 0):
+            res = self.evaluate()
+            record.update(top1=res.top1, top5=res.top5)
+            if last:
+                self.result = res
+            # a line per measurement; the progress bar shows the epochs between
+            self.say(f"linear epoch {self.epoch}/{self.epochs}  loss {loss:.4f}  lr {self.lr:.4g}  "
+                     f"top-1 {res.top1:.4f}  top-5 {res.top5:.4f}")
+        return record
+
     def run(self) -> ProbeResult | None:
         """Train to linear.epochs (or run.epochs_per_job more) and return the final val result (None if stopped)."""
-        self.maybe_resume()
+        self.resume()
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
         features = "cached (no augmentation)" if self.lin.cache_features else "augmented"
         self.say(f"linear probe: {self.info.describe()} | {len(self.train_data.classes)} classes, "
                  f"{self.steps_per_epoch} steps/epoch, batch {self.lin.batch_size}x{world_size()}, {features} "
                  f"features, lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones} | {self.out_dir}")
-        ran = 0
-        while self.epoch < self.lin.epochs:
-            if self.cfg.run.epochs_per_job and ran >= self.cfg.run.epochs_per_job:
-                self.say(f"linear probe: stopping after {ran} epoch(s) as run.epochs_per_job asks; run again to resume")
-                break
-            loss, lr = self.train_epoch()
-            ran += 1
-            self.history.append(loss)
-            record = {"kind": "linear_epoch", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr}
-            last = self.epoch == self.lin.epochs
-            if last or (self.lin.eval_every and self.epoch % self.lin.eval_every == 0):
-                res = self.evaluate()
-                record.update(top1=res.top1, top5=res.top5)
-                if last:
-                    self.result = res
-            self.log.log(record)
-            if "top1" in record:  # a line per measurement; the progress bar shows the epochs between
-                self.say(f"linear epoch {self.epoch}/{self.lin.epochs}  loss {loss:.4f}  lr {lr:.4g}  "
-                         f"top-1 {record['top1']:.4f}  top-5 {record['top5']:.4f}")
-            if last or self.epoch % self.cfg.run.ckpt_every == 0:
-                self.save()
-        if self.result is not None and is_main():
+        self.fit()
+        if self.result is not None:
             self.report(self.result)
         self.log.close()
         return self.result
@@ -310,9 +272,9 @@ class LinearProbe:
                   "top5": res.top5, "n_val": res.n_val, "encoder": self.info.kind, "checkpoint": self.info.checkpoint,
                   "fingerprint": self.info.fingerprint, "probe_dir": str(self.out_dir),
                   "probe_epochs": self.lin.epochs, "cache_features": self.lin.cache_features}
-        tmp = self.out_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(self.out_dir / "result.json")
+        self.write_summary(RESULT, record)
+        if not is_main():
+            return
         # Once per finished probe, however often it is re-run: the run's metrics are a record, not a log of calls.
         same = lambda r: r.get("kind") == "linear" and all(r.get(k) == record[k] for k in
                                                           ("probe_dir", "fingerprint", "probe_epochs"))
@@ -357,13 +319,7 @@ def compare_with_random_init(cfg: Config, info: BackboneInfo, trained: ProbeResu
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fastft.linear", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML config file (the one the encoder was pretrained with)")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. linear.epochs=10")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--pretrained", metavar="CKPT", help="pretraining checkpoint (default: newest in run.out_dir)")
-    which.add_argument("--random-init", action="store_true", help="probe the architecture at random initialisation")
+    ap, _ = cli.encoder_parser("fastft-linear", __doc__, "key.sub=value overrides, e.g. linear.epochs=10")
     ap.add_argument("--compare-random-init", action="store_true",
                     help="also run the same probe on a random-init encoder and print both (and the run's kNN)")
     return ap.parse_intermixed_args(argv)  # options may come before, between or after the overrides
@@ -371,7 +327,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.compare_random_init and args.random_init:
             raise ConfigError("--compare-random-init compares a pretrained encoder with random init; "
@@ -380,12 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         res = probe(cfg, backbone)
         if args.compare_random_init and res is not None:
             compare_with_random_init(cfg, backbone.info, res)
-    except (ConfigError, ckpt_io.CheckpointError, FileNotFoundError) as e:
-        print(f"fastft.linear: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
-    return 0
+
+    return cli.run("fastft-linear", body)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,44 @@
-"""Which logits/loss implementation a run uses (`loss.kernel`) and how the queue is stored (`loss.queue_dtype`).
+"""The contrastive loss of a MoCo step: InfoNCE of (q_hat, k_hat) against the queue, or against this step's
+negative interpolation of it (Feature Transformation's `NegativeMix`).
 
-    torch   kernels.reference.info_nce_loss: materialises the [N, 1 + K] logits; returns (loss, logits).
-    triton  kernels.infonce_triton (fused, no N x K logits): returns (loss, NegStats or None). Needs CUDA, or
-            the Triton interpreter on the CPU (TRITON_INTERPRET=1 set before Python starts; slow, for tests).
+One interface, two implementations, chosen by `loss.kernel`:
+
+    torch   TorchInfoNCE: kernels.reference on the negatives `NegativeMix.apply` forms; builds the [N, 1 + K]
+            logits. Keeps the queue (or the mix) for backward.
+    triton  TritonInfoNCE: kernels.infonce_triton, fused: no N x K logits, the mix formed in registers, the
+            gradient accumulated during forward (the queue is not read again). Needs CUDA, or the Triton
+            interpreter on the CPU (TRITON_INTERPRET=1 set before Python starts; slow, for tests). A per-element
+            lam_n (`ft.dim_mask: elementwise`) is not fused: it runs the torch loss.
     auto    triton on CUDA, torch elsewhere (and torch when triton cannot be imported).
 
-A fused loss function has `fused = True`. For MoCo that means: it takes `stats_bins=(lo, hi, nbins)` and then
-returns the negative-score NegStats in place of the logits (None without it), and it does not read the queue
-after the forward pass (its gradient is accumulated during forward), so the queue needs no copy before enqueue.
+Both are modules called as loss(q_hat, k_hat, queue, T, mix, stats_bins) and return a `LossOutput`: the loss,
+the positive scores and, when `stats_bins = (lo, hi, nbins)` is given, the negative-score statistics
+(`NegStats`) that the score recorder logs. What they read after forward: the torch loss reads the queue during
+backward, so the queue must not change before backward (MoCo.enqueue runs after it; autograd raises if it
+does not); the fused loss reads nothing.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
-from fastft.kernels import NegStats, info_nce_loss
+from fastft.kernels import NegStats, info_nce_loss, neg_score_stats
 
 from .config import ConfigError
-
-LossFn = Callable[..., tuple[torch.Tensor, "torch.Tensor | NegStats | None"]]
+from .feature_transform import NegativeMix
 
 QUEUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Bins = tuple[float, float, int]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    pos: torch.Tensor  # [N] fp32 positive scores q_hat . k_hat (NOT divided by T), detached
+    neg: NegStats | None  # statistics of the negative scores q_hat . n_j, when stats_bins was given
 
 
 def queue_dtype(name: str) -> torch.dtype:
@@ -32,20 +48,40 @@ def queue_dtype(name: str) -> torch.dtype:
     return QUEUE_DTYPES[name]
 
 
-class FusedInfoNCE:
-    """MoCo's loss_fn on the Triton kernel: reference.info_nce_loss's call, (loss, NegStats | None) back."""
+class TorchInfoNCE(nn.Module):
+    """The pure-torch loss: the reference every fused kernel is checked against."""
+
+    fused = False
+
+    def forward(self, q_hat: torch.Tensor, k_hat: torch.Tensor, queue: torch.Tensor, temperature: float,
+                mix: NegativeMix | None = None, stats_bins: Bins | None = None) -> LossOutput:
+        negatives = queue if mix is None else mix.apply(queue)
+        loss, logits = info_nce_loss(q_hat, k_hat, negatives, temperature)
+        scores = logits.detach().float() * temperature
+        neg = neg_score_stats(scores[:, 1:], temperature, stats_bins) if stats_bins is not None else None
+        return LossOutput(loss, scores[:, 0], neg)
+
+
+class TritonInfoNCE(nn.Module):
+    """The fused Triton kernel (kernels/infonce_triton.py); per-element mixes go to the torch loss."""
 
     fused = True
 
-    def __call__(self, q_hat: torch.Tensor, k_hat: torch.Tensor, queue: torch.Tensor, temperature: float,
-                 lam_n: float | torch.Tensor | None = None, perm: torch.Tensor | None = None, *,
-                 stats_bins: tuple[float, float, int] | None = None) -> tuple[torch.Tensor, NegStats | None]:
+    def __init__(self):
+        super().__init__()
+        self.unfused = TorchInfoNCE()
+
+    def forward(self, q_hat: torch.Tensor, k_hat: torch.Tensor, queue: torch.Tensor, temperature: float,
+                mix: NegativeMix | None = None, stats_bins: Bins | None = None) -> LossOutput:
+        if mix is not None and not mix.scalar:
+            return self.unfused(q_hat, k_hat, queue, temperature, mix, stats_bins)
         from fastft.kernels.infonce_triton import info_nce_loss_triton
 
-        return info_nce_loss_triton(q_hat, k_hat, queue, temperature, lam_n, perm, stats_bins=stats_bins)
-
-    def __repr__(self) -> str:
-        return "FusedInfoNCE()"
+        lam, perm = (mix.lam, mix.perm) if mix is not None else (None, None)
+        loss, neg = info_nce_loss_triton(q_hat, k_hat, queue, temperature, lam, perm, stats_bins=stats_bins)
+        with torch.no_grad():
+            pos = (q_hat.float() * k_hat.float()).sum(1)
+        return LossOutput(loss, pos, neg)
 
 
 def _triton_module():
@@ -57,19 +93,19 @@ def _triton_module():
     return infonce_triton, ""
 
 
-def select_loss(kernel: str, device: torch.device) -> LossFn:
+def select_loss(kernel: str, device: torch.device) -> nn.Module:
     """auto: the fastest implementation available on `device`; torch: the pure-torch reference; triton: fused."""
     if kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"loss.kernel = {kernel!r}: valid choices are 'auto', 'torch', 'triton'")
+        raise ConfigError(f"loss.kernel = {kernel!r}: valid choices are 'auto', 'torch', 'triton'")
     if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
-        return info_nce_loss
+        return TorchInfoNCE()
     mod, why = _triton_module()
     if kernel == "auto":
         if mod is None or mod.INTERPRETED:  # interpreted kernels on a GPU would be far slower than torch
             why = "runs in interpreter mode (TRITON_INTERPRET=1)" if mod else f"failed to import: {why}"
             warnings.warn(f"loss.kernel = 'auto' on CUDA uses the torch reference: Triton {why}")
-            return info_nce_loss
-        return FusedInfoNCE()
+            return TorchInfoNCE()
+        return TritonInfoNCE()
     if mod is None:
         raise ConfigError(f"loss.kernel = 'triton' but the Triton kernels cannot be imported ({why}); "
                           "use loss.kernel: torch")
@@ -79,4 +115,4 @@ def select_loss(kernel: str, device: torch.device) -> LossFn:
                           "slow, meant for tests). Use loss.kernel: auto or torch")
     if device.type == "cuda" and mod.INTERPRETED:
         warnings.warn("loss.kernel = 'triton' with TRITON_INTERPRET=1: the kernels run interpreted (slow)")
-    return FusedInfoNCE()
+    return TritonInfoNCE()

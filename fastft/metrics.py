@@ -1,17 +1,21 @@
-"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard scalars."""
+"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored to TensorBoard scalars; the one reader of it."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from .atomic import write_text
+
+FILE = "metrics.jsonl"
+
 
 class MetricsLog:
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / FILE
         self.enabled = enabled
         self.tb = None
         if enabled and tensorboard:
@@ -54,10 +58,8 @@ class MetricsLog:
         """Drop records past `step`: on resume they came from work the checkpoint does not hold."""
         if not self.enabled or not self.path.is_file():
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        keep = [r for r in read_metrics(self.out_dir) if r.get("step", 0) <= step]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -65,5 +67,17 @@ class MetricsLog:
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    """Every record of a run's metrics.jsonl, in order ([] when there is none). A line cut short by a killed
+    writer is skipped."""
+    path = Path(out_dir) / FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

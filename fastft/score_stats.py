@@ -1,4 +1,4 @@
-"""Pos/neg score statistics (DESIGN.md section 2): accumulated on the device every step, written in chunks.
+"""Pos/neg score statistics (docs/design.md, section 2): accumulated on the device every step, written in chunks.
 
 For sample i of a step, on the features the loss used (after Feature Transformation), with the scores
 s_ij = q_hat_i . n_j (NOT divided by T) against its K negatives n_j and p_i = q_hat_i . k_hat_i:
@@ -10,9 +10,10 @@ s_ij = q_hat_i . n_j (NOT divided by T) against its K negatives n_j and p_i = q_
 the spread across samples and the pooled neg variance); every chunk of steps stores fixed-bin histograms of all
 p_i and all s_ij. With `scores.untransformed` the same is recorded on the clean q, k against the stored queue.
 
-The common input is (pos scores [N], NegStats): the torch loss path gives logits, from which NegStats are
-computed here; a fused kernel that never materialises logits returns NegStats itself (binned with
-`ScoreRecorder.neg_bins`). Nothing here reads a value back to the host until a flush.
+The input is what MoCo's forward returned (fastft/moco.py `MoCoStep`): the positive scores and the NegStats
+that the loss computed in its own pass (torch or fused kernel alike, binned with `ScoreRecorder.neg_bins`), and
+the clean q, k, which with the queue the loss read give the untransformed statistics. Nothing here reads a
+value back to the host until a flush.
 
 On disk, RUN/scores/ holds one `chunk_<first step>.npz` per flush (plain arrays, no pickles) and `index.json`
 (bin settings, chunk list). Both are written atomically and the index last, so a reader never sees a chunk that
@@ -32,15 +33,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastft.kernels import NegStats, histogram_bins
+from fastft.kernels import NegStats, histogram, neg_score_stats
 
-from .checkpoint import save_atomic
+from .atomic import write_atomic
 from .config import ConfigError, ScoresConfig
 from .distributed import is_dist, world_size
 
 if TYPE_CHECKING:
-    from .feature_transform import FTDraw
     from .metrics import MetricsLog
+    from .moco import MoCoStep
 
 FORMAT = "fastft-scores"
 VERSION = 1
@@ -75,7 +76,7 @@ class BinSpec:
         return [self.lo, self.hi, self.n]
 
     def as_tuple(self) -> tuple[float, float, int]:
-        """(lo, hi, nbins), as kernels.reference.neg_score_stats and the fused kernel take them."""
+        """(lo, hi, nbins), as kernels.reference.histogram, the losses and the fused kernel take them."""
         return (self.lo, self.hi, self.n)
 
     def describe(self) -> str:
@@ -87,31 +88,6 @@ def bins_from_config(cfg: ScoresConfig) -> tuple[BinSpec, BinSpec]:
 
 
 # -- the statistics -------------------------------------------------------------------------------------------
-def count_bins(scores: torch.Tensor, bins: BinSpec) -> torch.Tensor:
-    """[bins.n] int64 counts of `scores` ([rows, cols] or [n]) under the shared binning rule.
-
-    Counted with a per-row scatter_add, not torch.bincount: on CUDA bincount reads min/max back to the host (a
-    sync every step), and one global histogram makes every thread hit the same few hot bins.
-    """
-    idx = histogram_bins(scores, bins.lo, bins.hi, bins.n)
-    idx = idx.reshape(1, -1) if idx.dim() == 1 else idx.reshape(idx.shape[0], -1)
-    per_row = torch.zeros(idx.shape[0], bins.n, dtype=torch.int32, device=idx.device)
-    per_row.scatter_add_(1, idx, torch.ones((), dtype=torch.int32, device=idx.device).expand_as(idx))
-    return per_row.sum(0, dtype=torch.int64)
-
-
-def neg_stats(neg_scores: torch.Tensor, temperature: float, bins: BinSpec) -> NegStats:
-    """kernels.reference.neg_score_stats of an [N, K] score matrix, counted without a host sync (count_bins)."""
-    s = neg_scores.float()
-    return NegStats(s.sum(1), (s * s).sum(1), (s / temperature).exp().sum(1), count_bins(s, bins))
-
-
-def scores_from_logits(logits: torch.Tensor, temperature: float, bins: BinSpec) -> tuple[torch.Tensor, NegStats]:
-    """(pos scores [N], NegStats) from [N, 1 + K] logits divided by T (column 0 the positive)."""
-    s = logits.detach().float() * temperature
-    return s[:, 0], neg_stats(s[:, 1:], temperature, bins)
-
-
 def batch_means(pos: torch.Tensor, neg: NegStats, num_neg: int, temperature: float) -> torch.Tensor:
     """[len(SERIES)] batch means of the per-sample numbers, on the device."""
     pos = pos.float()
@@ -185,7 +161,7 @@ class ScoreStore:
                         f"{_bins_text(old['bins'])}, but this run bins them as {_bins_text(meta['bins'])}; "
                         f"resume with the same scores.bins / scores.pos_* / scores.neg_*, or use another run.out_dir")
         names = {c["file"] for c in kept}
-        for p in self.folder.iterdir():  # later chunks, orphans of a crash between writes, save_atomic temp files
+        for p in self.folder.iterdir():  # later chunks, orphans of a crash between writes, write_atomic temp files
             if (p.name.startswith(".") and ".tmp-" in p.name) or (_CHUNK.match(p.name) and p.name not in names):
                 p.unlink(missing_ok=True)
         self.index = {"format": FORMAT, "version": VERSION, **meta, "chunks": kept}
@@ -195,7 +171,7 @@ class ScoreStore:
         first, last = int(chunk.steps[0]), int(chunk.steps[-1])
         name = _chunk_name(first)
         # Compressed (histograms are mostly empty bins); whole or absent, as checkpoints are.
-        save_atomic(chunk.arrays(), self.folder / name, lambda arrays, f: np.savez_compressed(f, **arrays))
+        write_atomic(self.folder / name, chunk.arrays(), lambda arrays, f: np.savez_compressed(f, **arrays))
         self.index["chunks"].append({"file": name, "first_step": first, "last_step": last, "epoch": epoch,
                                      "steps": len(chunk.steps), "features": sorted(chunk.means)})
         self._write_index()
@@ -205,7 +181,7 @@ class ScoreStore:
         head = {k: v for k, v in self.index.items() if k != "chunks"}
         lines = ",\n  ".join(json.dumps(c) for c in self.index["chunks"])
         text = (json.dumps(head)[:-1] + ',\n "chunks": [' + (f"\n  {lines}\n " if lines else "") + "]}\n").encode()
-        save_atomic(text, self.folder / INDEX, lambda data, f: f.write(data))
+        write_atomic(self.folder / INDEX, text, lambda data, f: f.write(data))
 
 
 def _bins_text(bins: dict) -> str:
@@ -248,28 +224,27 @@ class ScoreRecorder:
             self.store.begin(self.meta(num_neg), step)
 
     @torch.no_grad()
-    def observe(self, out: torch.Tensor | NegStats, q_hat: torch.Tensor, k_hat: torch.Tensor, *,
-                q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, draw: FTDraw | None = None) -> None:
-        """Record one step. `out`: the loss path's [N, 1 + K] logits (/ T) or its NegStats; `queue`: the stored
-        queue before this step's enqueue; `draw`: this step's FT draws (None or empty: FT changed nothing)."""
+    def observe(self, step: MoCoStep, queue: torch.Tensor) -> None:
+        """Record one step: its scores after FT and, with `untransformed`, the clean q, k against `queue`, the
+        stored queue this step's loss read (before MoCo.enqueue)."""
         if self.rows >= self.capacity:
             raise RuntimeError("ScoreRecorder.observe called again before commit(): one observe per step")
+        if step.neg is None:
+            raise RuntimeError("ScoreRecorder.observe: the step has no negative-score statistics; run MoCo's "
+                               "forward with stats_bins=recorder.neg_bins.as_tuple()")
         num_neg = queue.shape[0]
-        if isinstance(out, NegStats):
-            pos, neg = rowdot(q_hat, k_hat), out
-        else:
-            pos, neg = scores_from_logits(out, self.temperature, self.neg_bins)
-        self._add(0, pos, neg, num_neg)
+        self._add(0, step.pos, step.neg, num_neg)
         if len(self.features) > 1:
-            transformed = draw is not None and (draw.lam_p is not None or draw.perm is not None)
-            if transformed:
-                pos, neg = rowdot(q, k), neg_stats(q.float() @ queue.float().t(), self.temperature, self.neg_bins)
+            pos, neg = step.pos, step.neg
+            if step.draw.transformed:
+                pos = rowdot(step.q, step.k)
+                neg = neg_score_stats(step.q.float() @ queue.float().t(), self.temperature, self.neg_bins.as_tuple())
             self._add(1, pos, neg, num_neg)
         self.rows += 1
 
     def _add(self, feat: int, pos: torch.Tensor, neg: NegStats, num_neg: int) -> None:
         self.means[self.rows, feat] = batch_means(pos, neg, num_neg, self.temperature)
-        self.hists[feat, 0] += count_bins(pos, self.pos_bins)
+        self.hists[feat, 0] += histogram(pos, self.pos_bins.as_tuple())
         self.hists[feat, 1] += neg.hist
 
     def commit(self, step: int, epoch: int) -> None:

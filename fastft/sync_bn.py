@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 _GROUP = None

@@ -11,13 +11,13 @@ each as PNG and SVG, and `index.html` showing them all with every run's config.y
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -27,6 +27,9 @@ import numpy as np  # noqa: E402
 from matplotlib import cm, colors, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from . import cli  # noqa: E402
+from .atomic import write_text  # noqa: E402
+from .metrics import read_metrics  # noqa: E402
 from .score_stats import BinSpec, RunScores, ScoresError, read_scores  # noqa: E402
 
 # The three curves of the paper's figures: (series key, axis title).
@@ -72,13 +75,7 @@ def run_accuracy(run_dir: Path) -> dict[str, float]:
             summary = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             summary = {}
-    records: list[dict] = []
-    if (run_dir / "metrics.jsonl").is_file():
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed writer
+    records = read_metrics(run_dir)
     found: dict[str, float] = {}
     linear = summary.get("linear_top1")
     if not isinstance(linear, (int, float)):
@@ -234,67 +231,66 @@ def curves_figure(runs: list[Run], window: int, feature_styles: dict[str, str]) 
     return fig
 
 
-def density_figure(run: Run) -> Figure:
-    """Density over score x iteration (each column one chunk, normalised), with the mean drawn on top."""
+def _panels(run: Run, draw: Callable[[Figure, object, str, str, BinSpec], None]) -> Figure:
+    """A figure with a row per logged feature (after FT, untransformed) and a column per kind (pos, neg):
+    draw(fig, ax, feature, kind, bins) fills each panel."""
     s = run.scores
     feats = [f for f in ("ft", "raw") if s.has(f)]
     with matplotlib.rc_context(RC):
         fig = Figure(figsize=(12, 3.4 * len(feats)), layout="constrained")
         axes = np.atleast_2d(fig.subplots(len(feats), 2, squeeze=False))
-        x = np.concatenate([[s.chunk_first[0] - 1], s.chunk_last]).astype(float)
         for row, feat in enumerate(feats):
             for col, (kind, title) in enumerate(KINDS):
-                ax = axes[row, col]
-                bins = s.pos_bins if kind == "pos" else s.neg_bins
-                counts = s.hists[f"{feat}_{kind}"]
-                d = np.ma.masked_less_equal(density(counts, bins), 0)
-                cmap = matplotlib.colormaps["magma"]
-                cmap = cmap.with_extremes(bad=cmap(0))  # empty bins: the colour of the lowest density
-                vmax = float(d.max()) if d.count() else 1.0
-                mesh = ax.pcolormesh(x, bins.edges(), d.T, cmap=cmap, shading="flat",
-                                     norm=colors.LogNorm(vmin=vmax * 1e-3, vmax=vmax), rasterized=True)
-                mesh.set_gid(f"density:{feat}:{kind}")
-                mean = s.series[f"{feat}_{kind}_mean"]
-                w = auto_window(len(s.steps))
-                line, = ax.plot(s.steps, smooth(mean, w), color="cyan", lw=1.0, label="batch mean")
-                line.set_gid(f"mean:{feat}:{kind}")
-                ax.set_ylim(*occupied_range(counts, bins))
-                ax.set_title(f"{title}: {FEATURE_NAMES[feat]}")
-                ax.set_xlabel("iteration")
-                ax.set_ylabel("score")
-                ax.legend(loc="upper right", fontsize=7)
-                fig.colorbar(mesh, ax=ax, label="density")
+                draw(fig, axes[row, col], feat, kind, s.pos_bins if kind == "pos" else s.neg_bins)
+                axes[row, col].set_title(f"{title}: {FEATURE_NAMES[feat]}")
         fig.suptitle(_legend_label(run))
     return fig
+
+
+def density_figure(run: Run) -> Figure:
+    """Density over score x iteration (each column one chunk, normalised), with the mean drawn on top."""
+    s = run.scores
+    x = np.concatenate([[s.chunk_first[0] - 1], s.chunk_last]).astype(float)
+
+    def draw(fig: Figure, ax, feat: str, kind: str, bins: BinSpec) -> None:
+        counts = s.hists[f"{feat}_{kind}"]
+        d = np.ma.masked_less_equal(density(counts, bins), 0)
+        cmap = matplotlib.colormaps["magma"]
+        cmap = cmap.with_extremes(bad=cmap(0))  # empty bins: the colour of the lowest density
+        vmax = float(d.max()) if d.count() else 1.0
+        mesh = ax.pcolormesh(x, bins.edges(), d.T, cmap=cmap, shading="flat",
+                             norm=colors.LogNorm(vmin=vmax * 1e-3, vmax=vmax), rasterized=True)
+        mesh.set_gid(f"density:{feat}:{kind}")
+        mean = s.series[f"{feat}_{kind}_mean"]
+        line, = ax.plot(s.steps, smooth(mean, auto_window(len(s.steps))), color="cyan", lw=1.0, label="batch mean")
+        line.set_gid(f"mean:{feat}:{kind}")
+        ax.set_ylim(*occupied_range(counts, bins))
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("score")
+        ax.legend(loc="upper right", fontsize=7)
+        fig.colorbar(mesh, ax=ax, label="density")
+
+    return _panels(run, draw)
 
 
 def epochs_figure(run: Run) -> Figure:
     """One density curve per epoch, coloured from the first epoch (dark) to the last (yellow)."""
-    s = run.scores
-    feats = [f for f in ("ft", "raw") if s.has(f)]
-    with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(12, 3.4 * len(feats)), layout="constrained")
-        axes = np.atleast_2d(fig.subplots(len(feats), 2, squeeze=False))
-        for row, feat in enumerate(feats):
-            for col, (kind, title) in enumerate(KINDS):
-                ax = axes[row, col]
-                bins = s.pos_bins if kind == "pos" else s.neg_bins
-                epochs, counts = epoch_hists(s, f"{feat}_{kind}")
-                norm = colors.Normalize(vmin=1, vmax=max(2, int(epochs.max()) + 1))
-                centres = (bins.edges()[:-1] + bins.edges()[1:]) / 2
-                for e, dens in zip(epochs, density(counts, bins)):
-                    line, = ax.plot(centres, dens, color=cm.viridis(norm(e + 1)), lw=1.1)
-                    line.set_gid(f"epoch:{feat}:{kind}:{int(e) + 1}")
-                ax.set_xlim(*occupied_range(counts, bins))
-                ax.set_title(f"{title}: {FEATURE_NAMES[feat]}")
-                ax.set_xlabel("score")
-                ax.set_ylabel("density")
-                ax.grid(alpha=0.3)
-                bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="epoch")
-                bar.locator = ticker.MaxNLocator(integer=True)
-                bar.update_ticks()
-        fig.suptitle(_legend_label(run))
-    return fig
+    def draw(fig: Figure, ax, feat: str, kind: str, bins: BinSpec) -> None:
+        epochs, counts = epoch_hists(run.scores, f"{feat}_{kind}")
+        norm = colors.Normalize(vmin=1, vmax=max(2, int(epochs.max()) + 1))
+        centres = (bins.edges()[:-1] + bins.edges()[1:]) / 2
+        for e, dens in zip(epochs, density(counts, bins)):
+            line, = ax.plot(centres, dens, color=cm.viridis(norm(e + 1)), lw=1.1)
+            line.set_gid(f"epoch:{feat}:{kind}:{int(e) + 1}")
+        ax.set_xlim(*occupied_range(counts, bins))
+        ax.set_xlabel("score")
+        ax.set_ylabel("density")
+        ax.grid(alpha=0.3)
+        bar = fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="epoch")
+        bar.locator = ticker.MaxNLocator(integer=True)
+        bar.update_ticks()
+
+    return _panels(run, draw)
 
 
 def final_figure(runs: list[Run]) -> Figure:
@@ -355,9 +351,7 @@ neg {e(s0.neg_bins.describe())}.</p>
 </body></html>
 """
     path = out / "index.html"
-    tmp = path.with_name(".index.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_text(path, page)
     return path
 
 
@@ -385,26 +379,20 @@ def draw(paths: list[str | Path], out: str | Path, labels: list[str] | None = No
     return write_index(out, runs, figures)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fastft-viz", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", metavar="RUN", help="run folders (run.out_dir of fastft.train)")
+def main(argv: list[str] | None = None) -> int:
+    ap = cli.parser("fastft-viz", __doc__)
+    ap.add_argument("runs", nargs="+", metavar="RUN", help="run folders (run.out_dir of fastft-train)")
     ap.add_argument("--out", required=True, metavar="DIR", help="folder for the figures and index.html")
     ap.add_argument("--labels", nargs="+", metavar="NAME", help="legend names, one per run (default: folder names)")
     ap.add_argument("--smooth", type=int, default=0, metavar="STEPS",
                     help="moving-average window of the curves in steps (default: about 1/60 of the run)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+    def body() -> None:
         index = draw(args.runs, args.out, args.labels, args.smooth)
-    except (VizError, ScoresError) as e:
-        print(f"fastft-viz: error: {e}", file=sys.stderr)
-        return 2
-    print(f"fastft-viz: figures for {len(args.runs)} run(s) in {index.parent}; open {index}")
-    return 0
+        print(f"fastft-viz: figures for {len(args.runs)} run(s) in {index.parent}; open {index}")
+
+    return cli.run("fastft-viz", body, errors=(VizError, ScoresError))
 
 
 if __name__ == "__main__":

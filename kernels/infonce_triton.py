@@ -1,18 +1,22 @@
 """Fused InfoNCE against the MoCo queue in Triton: no N x K logits, no mixed queue in memory.
 
-What it computes (the spec is `kernels.reference`), for queries q_hat [N, C] and the queue [K, C]:
+What it computes, for queries q_hat [N, C] and the queue [K, C]:
 
     n_j        = lam_n * queue_j + (1 - lam_n) * queue[perm[j]]      (or queue_j when perm is None)
     s_ij       = q_hat_i . n_j                                        negative scores, NOT divided by T
     lse_neg[i] = logsumexp_j(s_ij / T)
     loss       = mean_i(-pos_i / T + logaddexp(pos_i / T, lse_neg[i]))   pos_i = q_hat_i . k_hat_i
 
-which is exactly `reference.info_nce_loss` (cross-entropy with target 0 over [pos, negatives] / T).
+The mix n_j is Feature Transformation's negative interpolation, which fastft/feature_transform.py defines
+(and draws lam_n and perm for); this kernel only implements that definition in registers, it does not own
+it. The spec for this kernel is `reference.info_nce_loss(q_hat, k_hat, n, T)` applied to those mixed
+negatives n (cross-entropy with target 0 over [pos, negatives] / T), and `reference.neg_score_stats` of the
+scores q_hat @ n^T for the statistics.
 
 How: one forward kernel streams the queue in [BLOCK_K, C] tiles, forms the interpolated negatives in
-registers (a row of the queue and the row `perm` points at), takes the scores with `tl.dot`, and keeps an
-online max / sum per query row (FlashAttention / Cut-Cross-Entropy style; exp2 with the log2(e) / T folded
-in). The K axis is split over several programs per row block so that small N still fills the GPU; a second,
+registers (a row of the queue and the row `perm` points at), takes the scores with `tl.dot` (that tile body
+is `_negative_tile`, shared with the recompute backward kernel), and keeps an online max / sum per query row
+(FlashAttention / Cut-Cross-Entropy style; exp2 with the log2(e) / T folded in). The K axis is split over several programs per row block so that small N still fills the GPU; a second,
 tiny kernel merges the per-split (max, sum) partials. Everything O(N x C) (the positive, logaddexp, the
 mean) stays in torch autograd, so gradients reach q_hat and k_hat through the positive as usual.
 
@@ -32,9 +36,10 @@ s_ij over `nbins` equal bins of [lo, hi) (out-of-range scores clamped into the e
 
 API:
     info_nce_loss_triton(q_hat, k_hat, queue, T, lam_n=None, perm=None, *, stats_bins=None, ...)
-        -> (loss, NegStats | None)      same call as reference.info_nce_loss; in place of the [N, 1 + K]
-                                        logits (never built) it returns the NegStats when `stats_bins` is
-                                        given, else None. Pos scores are q_hat . k_hat: recompute them (O(N C)).
+        -> (loss, NegStats | None)      the loss of reference.info_nce_loss on the mixed negatives; in place
+                                        of the [N, 1 + K] logits (never built) it returns the NegStats when
+                                        `stats_bins` is given, else None. Pos scores are q_hat . k_hat:
+                                        recompute them (O(N C)).
     neg_logsumexp(q_hat, queue, T, lam_n=None, perm=None, *, stats_bins=None, ...)
         -> (lse_neg [N] fp32, differentiable wrt q_hat; NegStats | None)
 
@@ -43,8 +48,9 @@ products run in the storage precision: fp32 storage uses TF32 tensor cores on th
 (`input_precision="ieee"` for full fp32), 16-bit storage multiplies in that 16-bit type (q_hat is rounded to
 it for the dot). Under TRITON_INTERPRET=1 (CPU) dots are numpy fp32 matmuls.
 
-A per-element lam_n (a [K, C] tensor, `ft.dim_mask: elementwise`) is not fused: `info_nce_loss_triton` falls
-back to the torch reference for it (and derives the NegStats from its logits), so callers need not care.
+lam_n is one scalar per step (a float or a 0-dim tensor). A per-element lam_n (a [K, C] tensor,
+`ft.dim_mask: elementwise`) is not fused: both entry points raise ValueError for it, and the caller
+(fastft/loss.py) runs the torch loss instead.
 
 Tile sizes are autotuned per (N bucket, K bucket, C, dtype, variant) on the GPU for K up to 2^20 and C in
 {64, 128, 256}; problems under 2^22 scores, and the interpreter, use one fixed small configuration (no tuning).
@@ -61,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import NegStats, info_nce_loss, neg_score_stats
+from .reference import NegStats
 
 
 def _interpreter_on() -> bool:
@@ -184,6 +190,52 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return out
 
 
+@triton.jit
+def _program_block(q_ptr, queue_ptr, N, K, C, k_per_split, stride_q,
+                   DOT_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a program of _fwd_kernel / _bwd_kernel works on: its row block (grid axis 0) with the queries of
+    those rows as a dot operand, and its share [k_lo, k_hi) of the queue (grid axis 1, the K split).
+
+    Returns (pid_n, pid_s, rows, row_ok, cols, col_ok, q, k_lo, k_hi); q is [BLOCK_N, BLOCK_C], zero outside
+    the N x C block, in the queue's storage type (16-bit storage: multiplied in that type, as the queue).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    q = _operand(q, queue_ptr, DOT_FP32, UPCAST)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    return pid_n, pid_s, rows, row_ok, cols, col_ok, q, k_lo, k_hi
+
+
+@triton.jit
+def _negative_tile(q, queue_ptr, perm_ptr, k0, k_hi, cols, col_ok, stride_queue, lam, scale2,
+                   HAS_PERM: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """The negatives k0 .. k0 + BLOCK_K (those below k_hi) and their scores against the row block's q.
+
+    HAS_PERM: the negative is Feature Transformation's interpolation lam * queue_j + (1 - lam) * queue[perm_j]
+    (fastft/feature_transform.py), formed here in fp32 from two loaded rows and never written anywhere.
+    Returns (neg [BLOCK_K, BLOCK_C] as a dot operand, k_ok [BLOCK_K], s = q . neg [BLOCK_N, BLOCK_K] fp32,
+    x = s * scale2 with -inf in the columns past k_hi).
+    """
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < k_hi
+    tile_ok = k_ok[:, None] & col_ok[None, :]
+    neg = tl.load(queue_ptr + ks[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
+    if HAS_PERM:
+        pk = tl.load(perm_ptr + ks, mask=k_ok, other=0)
+        other = tl.load(queue_ptr + pk[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
+        neg = _operand(lam * neg.to(tl.float32) + (1.0 - lam) * other.to(tl.float32), queue_ptr, DOT_FP32, UPCAST)
+    s = _dot(q, tl.trans(neg), PRECISION, UPCAST)
+    x = tl.where(k_ok[None, :], s * scale2, float("-inf"))
+    return neg, k_ok, s, x
+
+
 @_autotune(key=_TUNE_KEY)
 @triton.jit
 def _fwd_kernel(
@@ -199,17 +251,8 @@ def _fwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, NBINS: tl.constexpr, HIST: tl.constexpr,
     MIN_BN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    q = _operand(q, queue_ptr, DOT_FP32, UPCAST)  # 16-bit storage: multiply in that type (as the queue)
-
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    pid_n, pid_s, rows, row_ok, cols, col_ok, q, k_lo, k_hi = _program_block(
+        q_ptr, queue_ptr, N, K, C, k_per_split, stride_q, DOT_FP32, UPCAST, BLOCK_C, BLOCK_N)
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_N], tl.float32)
     e = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
@@ -217,17 +260,8 @@ def _fwd_kernel(
     s_sq = tl.zeros([BLOCK_N], tl.float32)
     hist = tl.zeros([HIST], tl.int32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
-        tile_ok = k_ok[:, None] & col_ok[None, :]
-        neg = tl.load(queue_ptr + ks[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
-        if HAS_PERM:
-            # The interpolated negative is formed here, in fp32, and never written anywhere.
-            pk = tl.load(perm_ptr + ks, mask=k_ok, other=0)
-            other = tl.load(queue_ptr + pk[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
-            neg = _operand(lam * neg.to(tl.float32) + (1.0 - lam) * other.to(tl.float32), queue_ptr, DOT_FP32, UPCAST)
-        s = _dot(q, tl.trans(neg), PRECISION, UPCAST)  # [BLOCK_N, BLOCK_K] fp32
-        x = tl.where(k_ok[None, :], s * scale2, float("-inf"))
+        neg, k_ok, s, x = _negative_tile(q, queue_ptr, perm_ptr, k0, k_hi, cols, col_ok, stride_queue, lam, scale2,
+                                         HAS_PERM, DOT_FP32, PRECISION, UPCAST, BLOCK_K)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         alpha = tl.exp2(m - m_new)  # rescales what was summed under the previous max (0 on the first tile)
         p = tl.exp2(x - m_new[:, None])
@@ -301,29 +335,13 @@ def _bwd_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The "recompute" backward: re-stream the queue, rebuild the score tiles, accumulate P @ negatives."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    q = _operand(q, queue_ptr, DOT_FP32, UPCAST)
+    pid_n, pid_s, rows, row_ok, cols, col_ok, q, k_lo, k_hi = _program_block(
+        q_ptr, queue_ptr, N, K, C, k_per_split, stride_q, DOT_FP32, UPCAST, BLOCK_C, BLOCK_N)
     lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=0.0)
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
-        tile_ok = k_ok[:, None] & col_ok[None, :]
-        neg = tl.load(queue_ptr + ks[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
-        if HAS_PERM:
-            pk = tl.load(perm_ptr + ks, mask=k_ok, other=0)
-            other = tl.load(queue_ptr + pk[:, None] * stride_queue + cols[None, :], mask=tile_ok, other=0.0)
-            neg = _operand(lam * neg.to(tl.float32) + (1.0 - lam) * other.to(tl.float32), queue_ptr, DOT_FP32, UPCAST)
-        s = _dot(q, tl.trans(neg), PRECISION, UPCAST)
-        x = tl.where(k_ok[None, :], s * scale2, float("-inf"))
+        neg, k_ok, s, x = _negative_tile(q, queue_ptr, perm_ptr, k0, k_hi, cols, col_ok, stride_queue, lam, scale2,
+                                         HAS_PERM, DOT_FP32, PRECISION, UPCAST, BLOCK_K)
         p = tl.exp2(x - lse2[:, None])
         acc += _dot(_operand(p, queue_ptr, DOT_FP32, UPCAST), neg, PRECISION, UPCAST)
     out = pid_s * N + rows
@@ -529,6 +547,9 @@ class NegLogSumExp(torch.autograd.Function):
 
 
 def _scalar_lambda(lam_n: float | torch.Tensor | None, perm: torch.Tensor | None) -> float:
+    if isinstance(lam_n, torch.Tensor) and lam_n.dim() > 0:
+        raise ValueError(f"lam_n of shape {tuple(lam_n.shape)}: per-element lam_n is not fused; use the torch "
+                         "loss (the kernel takes one scalar lam_n, a float or a 0-dim tensor)")
     if perm is None:
         return 1.0  # no interpolation: lam_n is not used (as in the reference)
     if lam_n is None:
@@ -543,7 +564,8 @@ def neg_logsumexp(q_hat: torch.Tensor, queue: torch.Tensor, temperature: float,
                   ) -> tuple[torch.Tensor, NegStats | None]:
     """lse_neg[i] = logsumexp_j(q_hat_i . n_j / T) over the (interpolated) queue, and the NegStats if asked.
 
-    lam_n: a float (or 0-dim tensor); perm: [K] permutation, None = no interpolation. stats_bins: (lo, hi,
+    lam_n: a float (or 0-dim tensor; a per-element tensor raises ValueError); perm: [K] permutation, None = no
+    interpolation. stats_bins: (lo, hi,
     nbins) to also return reference.NegStats of the scores. backward / input_precision: see the module
     docstring. k_per_split: force the K split size (tests); None picks one for the device.
     """
@@ -565,14 +587,9 @@ def info_nce_loss_triton(q_hat: torch.Tensor, k_hat: torch.Tensor, queue: torch.
     """reference.info_nce_loss, fused: (loss, NegStats or None) instead of (loss, logits).
 
     The second value is the NegStats of the negative scores when `stats_bins` = (lo, hi, nbins) is given,
-    else None: the [N, 1 + K] logits are never built. A per-element (tensor) lam_n runs the torch reference.
+    else None: the [N, 1 + K] logits are never built. lam_n is one scalar (a float or a 0-dim tensor); a
+    per-element lam_n ([K, C] tensor) raises ValueError: it is not fused, the torch loss handles it.
     """
-    if isinstance(lam_n, torch.Tensor) and lam_n.dim() > 0 and perm is not None:
-        loss, logits = info_nce_loss(q_hat, k_hat, queue, temperature, lam_n, perm)
-        stats = None
-        if stats_bins is not None:
-            stats = neg_score_stats(logits[:, 1:].detach() * temperature, temperature, stats_bins)
-        return loss, stats
     lse_neg, stats = neg_logsumexp(q_hat, queue, temperature, lam_n, perm, stats_bins=stats_bins,
                                    backward=backward, input_precision=input_precision)
     pos = (q_hat.float() * k_hat.float()).sum(dim=1) / temperature

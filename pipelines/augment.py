@@ -78,12 +78,14 @@ def torchvision_train_transform(aug: str, image_size: int, crop_scale_min: float
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def linear_spec(crop_scale_min: float = 0.08) -> tuple[Step, ...]:
-    """Linear-probe training augmentation (MoCo's main_lincls): RandomResizedCrop + flip, no colour ops."""
-    return (Step("random_resized_crop", params={"scale": (crop_scale_min, 1.0), "ratio": (3 / 4, 4 / 3)}), FLIP)
+def linear_spec(crop_scale_min: float = 0.0) -> tuple[Step, ...]:
+    """Linear-probe training augmentation (MoCo's main_lincls): RandomResizedCrop + flip, no colour ops.
+    `crop_scale_min`: the crop's smallest area share; 0 = main_lincls's 0.08."""
+    scale = (crop_scale_min if crop_scale_min > 0 else 0.08, 1.0)
+    return (Step("random_resized_crop", params={"scale": scale, "ratio": (3 / 4, 4 / 3)}), FLIP)
 
 
-def torchvision_linear_transform(image_size: int, crop_scale_min: float = 0.08) -> T.Compose:
+def torchvision_linear_transform(image_size: int, crop_scale_min: float = 0.0) -> T.Compose:
     steps = [_torchvision_step(s, image_size) for s in linear_spec(crop_scale_min)]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 

@@ -1,8 +1,9 @@
 """The augmentation spec (augment.py) as batched tensor ops: any device, per-sample random parameters.
 
-Used after a loader that only decodes, crops and flips (FFCV on a GPU, where these ops are nearly free), and as
-the readable statement of the colour semantics that the numba kernels (color_numba.py) and the DALI graph
-(dali_loader.py) implement. The semantics are torchvision's (the reference):
+One of the two executors of the steps after the crop for the dali and ffcv backends (`color_ops: torch`; the
+other is the numba kernels of color_numba.py, on the CPU): it runs after a loader that only decodes and
+crops, on the training device, where on a GPU these ops are nearly free. This docstring is the statement of
+the colour semantics that both executors implement. They are torchvision's (the reference):
 
 - color_jitter: brightness, contrast, saturation and hue in a random order per image (torchvision draws
   `randperm(4)` per call); brightness/contrast/saturation factors ~ U[max(0, 1 - x), 1 + x], hue ~ U[-h, h];
@@ -142,6 +143,13 @@ def augment(x: torch.Tensor, aug: str, image_size: int, gen: torch.Generator,
         else:
             raise ValueError(f"unknown augmentation step {step.name!r} after the crop")
     return x
+
+
+def augment_uint8_nhwc(u8: torch.Tensor, aug: str, image_size: int, gen: torch.Generator,
+                       channels_last: bool = True) -> torch.Tensor:
+    """Cropped uint8 [B, H, W, 3] views -> the rest of the spec on their device -> the loader interface."""
+    x = augment(u8.permute(0, 3, 1, 2).float().div_(255), aug, image_size, gen)
+    return normalize(x, channels_last)
 
 
 def normalize(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

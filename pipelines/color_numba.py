@@ -1,8 +1,10 @@
 """The post-crop steps of the augmentation spec as numba kernels on one uint8 HWC view.
 
-The same semantics as batch_augment.py (torchvision's, see there), computed in float32 on the CPU inside the
-loader's threads: FFCV runs them as a jitted pipeline stage, so the colour ops overlap decoding and never
-touch the Python interpreter. numba arrives with the `ffcv` extra; this module imports it on first use.
+One of the two executors of those steps for the dali and ffcv backends (`color_ops: numba`; the other is
+batch_augment.py, whose docstring states the semantics both implement). Computed in float32 on the CPU inside
+the loader's threads: FFCV runs them as a jitted pipeline stage, so the colour ops overlap decoding and never
+touch the Python interpreter; DALI's loader runs them on each batch of cropped views. numba arrives with the
+`dali` and `ffcv` extras; this module imports it on first use.
 
 A view's random draws are one row of PARAMS floats (drawn by `draw_params`); `program` lists the step codes
 in spec order, so MoCo v1 (grayscale before jitter) and v2 (jitter before grayscale) share one kernel.

@@ -1,22 +1,20 @@
-"""`fastft-convert-dataset SRC OUT.beton`: an ImageFolder tree or a built-in dataset -> an FFCV .beton file.
-
-    fastft-convert-dataset /data/imagenet/train /data/in1k_train.beton
-    fastft-convert-dataset /data/imagenet/train /data/in100_train.beton --subset configs/imagenet100.txt
-    fastft-convert-dataset builtin:digits digits_val.beton --split val
+"""An ImageFolder tree or a built-in dataset -> an FFCV .beton file: the conversion behind the
+`fastft-convert-dataset` command (convert_cli.py) and the ffcv loader's conversion of built-in data on first use.
 
 Written to OUT.beton.tmp and renamed into place when complete, so an interrupted run never leaves an OUT.beton
 that a later run would trust. Beside it, OUT.beton.json records the class names (labels are their index in
 sorted order, as torchvision's ImageFolder), each sample's source file and any samples skipped as unreadable.
+A writer worker that dies (killed, out of memory) is an error, not a hang; a caller that handles SIGINT/SIGTERM
+itself sets INTERRUPTED before raising KeyboardInterrupt (convert_cli.py does), so that the interrupt is not
+lost in code that swallows it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -163,9 +161,10 @@ def _dead_children(ignore: set[int]) -> list[tuple[int, str]]:
     return dead
 
 
-# Set by the CLI's SIGINT/SIGTERM handler. Its KeyboardInterrupt can land in code that swallows exceptions
-# (fork handlers while ffcv starts its workers), so the watcher keeps re-raising until the main thread acts.
-_INTERRUPTED = threading.Event()
+# Set by a caller's SIGINT/SIGTERM handler (convert_cli.py's). Its KeyboardInterrupt can land in code that swallows
+# exceptions (fork handlers while ffcv starts its workers), so the watcher keeps re-raising until the main thread
+# acts.
+INTERRUPTED = threading.Event()
 
 
 class _WorkerWatch:
@@ -190,11 +189,11 @@ class _WorkerWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            dead = [] if _INTERRUPTED.is_set() else _dead_children(self._ignore)
+            dead = [] if INTERRUPTED.is_set() else _dead_children(self._ignore)
             with self._lock:
                 if self._stop.is_set():
                     return
-                if _INTERRUPTED.is_set():
+                if INTERRUPTED.is_set():
                     _thread.interrupt_main()
                 elif dead:
                     self.died.extend(dead)
@@ -268,7 +267,7 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
             raise
         finally:
             watch.close()
-        if _INTERRUPTED.is_set():  # the interrupt was swallowed somewhere: still, do not publish the output
+        if INTERRUPTED.is_set():  # the interrupt was swallowed somewhere: still, do not publish the output
             raise KeyboardInterrupt
         bad = _read_bad(log_dir)
         if bad and not skip_bad:
@@ -291,72 +290,3 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
         shutil.rmtree(log_dir, ignore_errors=True)
     skipped = [v for _, v in sorted(bad.items())]
     return ConvertResult(out, len(source.files) - len(bad), skipped, len(source.classes), time.time() - start)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastft-convert-dataset", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="ImageFolder split (one folder per class), or builtin:digits")
-    p.add_argument("out", help="the .beton file to write (OUT.beton.json is written beside it)")
-    p.add_argument("--split", default="train", help="split of a builtin: dataset (train | val); default train")
-    p.add_argument("--subset", metavar="CLASSLIST", help="keep only the classes listed in this file "
-                   "(one folder name per line, # comments), e.g. configs/imagenet100.txt")
-    p.add_argument("--max-resolution", type=int, default=None,
-                   help="shrink images whose longer side exceeds this (default: keep their own resolution)")
-    p.add_argument("--write-mode", default="smart", choices=WRITE_MODES,
-                   help="raw pixels, jpg, proportion (jpg with --compress-probability) or smart (default: jpg "
-                        "for images over 64x64, raw for smaller ones)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for compressed images (default 90)")
-    p.add_argument("--compress-probability", type=float, default=0.5,
-                   help="share of images stored as JPEG with --write-mode proportion (default 0.5)")
-    p.add_argument("--num-workers", type=int, default=0, help="writer processes (default: one per CPU core)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and count) unreadable files and empty class folders instead of stopping")
-    p.add_argument("--cache-dir", default="~/.cache/fastft", help="where built-in datasets are materialised")
-    return p
-
-
-def _on_signal(signum, frame):  # Ctrl-C, or a job scheduler's kill: clean up the same way
-    _INTERRUPTED.set()
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _INTERRUPTED.clear()
-    # Restored on the way out: main() also runs inside other programs (a test runner) that keep going after it.
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, _on_signal)
-    if previous[signal.SIGINT] is not signal.SIG_IGN:  # keep "ignored" when a shell set it so
-        signal.signal(signal.SIGINT, _on_signal)
-    try:
-        r = convert(args.src, args.out, split=args.split, subset=args.subset, max_resolution=args.max_resolution,
-                    jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
-                    write_mode=args.write_mode, num_workers=args.num_workers, force=args.force,
-                    skip_bad=args.skip_bad, cache_dir=args.cache_dir)
-    except ConvertError as e:
-        print(f"fastft-convert-dataset: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fastft-convert-dataset: interrupted; {args.out} was not written", file=sys.stderr)
-        if argv is None:
-            # As a command, leave now (the output is already cleaned up): the interrupt can land while the
-            # writer's multiprocessing queue holds its lock, and that queue's finalizer, run when this
-            # exception's frames are freed, then waits on the lock for ever (seen: 1 run in 4 hung so).
-            sys.stderr.flush()
-            os._exit(130)
-        return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    size = r.out.stat().st_size / 2**20
-    print(f"wrote {r.written} images of {r.classes} classes to {r.out} ({size:.1f} MiB) in {r.seconds:.1f} s"
-          + (f"; skipped {len(r.skipped)} unreadable" if r.skipped else ""))
-    for path, why in r.skipped[:10]:
-        print(f"  skipped {path}: {why}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

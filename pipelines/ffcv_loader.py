@@ -2,11 +2,11 @@
 
 Every `ffcv` import of the project lives in this module (ffcv is pinned and effectively unmaintained).
 
-Per batch, in FFCV's threads (numba, no interpreter): read the stored image, decode it ONCE, cut two
-random resized crops (torchvision's sampler) and, on the CPU, run the rest of the spec on each view
-(color_numba.py: jitter with a random order, grayscale, blur, flip) - all of it before ToTensor, because
-ffcv 1.0.2 hangs on the CPU when a jitted op follows ToTensor/ToTorchImage. On a GPU the colour steps run
-instead as batched tensor ops on the device (batch_augment.py), where they are nearly free and keep the
+Per batch, in FFCV's threads (numba, no interpreter): read the stored image, decode it ONCE and cut two
+random resized crops (torchvision's sampler). The rest of the spec runs in the executor that `color_ops`
+chooses (spec.color_executor): numba, as a stage in FFCV's threads on each view (color_numba.py) - before
+ToTensor, because ffcv 1.0.2 hangs on the CPU when a jitted op follows ToTensor/ToTorchImage - or torch,
+as batched tensor ops on the device (batch_augment.py), where on a GPU they are nearly free and keep the
 loader threads on decoding. Either way the views leave as uint8 and are normalised on the training device.
 
 A .beton written by `fastft-convert-dataset` has a sidecar `<file>.json` (classes, source paths, samples
@@ -40,6 +40,7 @@ from torch.utils.data import DistributedSampler
 
 from . import batch_augment, color_numba
 from .augment import blur_kernel_size, crop_step
+from .spec import color_executor
 
 META_FORMAT = "fastft-beton/1"
 
@@ -280,7 +281,7 @@ class FFCVLoader:
 
     def __init__(self, beton: str | Path, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = True, color: str = "auto", eval_crop_ratio: float = 0.875,
+                 channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
                  crop_scale_min: float = 0.0):
         self.dataset = BetonInfo(beton)
         if len(self.dataset) == 0:
@@ -288,13 +289,12 @@ class FFCVLoader:
         self.device, self.train, self.aug, self.image_size = device, train, aug, image_size
         self.channels_last, self.seed = channels_last, seed
         self.batch_size = batch_size
-        # numba in the loader threads on the CPU; on a GPU the colour steps are cheaper there (batch_augment).
-        self.color = ("numba" if device.type == "cpu" else "torch") if color == "auto" else color
+        self.executor = color_executor(color_ops, device)  # "numba" or "torch": where the colour steps run
         on_gpu = device.type == "cuda"
         if train:
             crop = crop_step(aug, crop_scale_min).params
             image = [TwoViewCropDecoder(image_size, crop["scale"], crop["ratio"])]
-            if self.color == "numba":
+            if self.executor == "numba":
                 image.append(TwoViewColorOps(aug, image_size))
         else:
             image = [CenterCropRGBImageDecoder((image_size, image_size), ratio=eval_crop_ratio)]
@@ -321,10 +321,8 @@ class FFCVLoader:
     def _views(self, u8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] of one view -> the interface's float32 NCHW, on the device."""
         u8 = u8.to(self.device, non_blocking=True)
-        if self.color == "torch" and self.train:
-            x = u8.permute(0, 3, 1, 2).float().div_(255)
-            x = batch_augment.augment(x, self.aug, self.image_size, self._gen)
-            return batch_augment.normalize(x, self.channels_last)
+        if self.executor == "torch" and self.train:
+            return batch_augment.augment_uint8_nhwc(u8, self.aug, self.image_size, self._gen, self.channels_last)
         return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from .builtin import is_builtin, materialize
+from .spec import spec_error
 
 
 def dataset_root(path: str, cache_dir: str) -> Path:
@@ -15,8 +16,8 @@ def dataset_root(path: str, cache_dir: str) -> Path:
         return materialize(path, cache_dir)
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path {path!r}: no such folder (expected an ImageFolder root holding "
-                                f"train/ and val/, or builtin:digits)")
+        raise spec_error(FileNotFoundError, "path", f" {path!r}: no such folder (expected an ImageFolder root "
+                                                    f"holding train/ and val/, or builtin:digits)")
     return root
 
 

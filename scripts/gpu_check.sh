@@ -96,7 +96,7 @@ else
     df -h /dev/shm 2>/dev/null | tail -1  # DataLoader workers hand batches over through shared memory
     step bench-model 55 $PY -m fastft.bench model "${BENCH[@]}" --warmup 3 --steps 10 --repeats 5 \
         --json "$BENCH_DIR/bench_model.json"
-    # Runs through the loader skip whole waves of its workers' batches and time whole waves (fastft/bench.py,
+    # Runs through the loader skip whole waves of its workers' batches and time whole waves (fastft/bench/timing.py,
     # loader_plan): 2 x WORKERS batches of 256 per epoch here; the files are hard links to 256 generated ones.
     step bench-train 105 $PY -m fastft.bench train "${BENCH[@]}" --warmup 3 --steps 10 --repeats 3 \
         --synthetic-data $(( (2 * WORKERS + 12) * 256 )) --synthetic-dir /tmp/fastft-bench-jpegs \

@@ -49,6 +49,12 @@ class Inputs(NamedTuple):
     perm: torch.Tensor | None
 
 
+def mix(queue: torch.Tensor, lam: float | None, perm: torch.Tensor | None) -> torch.Tensor:
+    """Feature Transformation's negative interpolation (fastft/feature_transform.py), written out: the negatives
+    the kernel forms in registers and the reference takes ready-made."""
+    return queue if perm is None else lam * queue + (1 - lam) * queue[perm]
+
+
 def make_inputs(n: int, k: int, c: int, interp: bool, dtype: torch.dtype, seed: int = 0) -> Inputs:
     """MoCo + FT-like features on the GPU: unit q, k, unit queue rows, extrapolated positives, random lam_n."""
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -90,7 +96,7 @@ def check_case(n: int, k: int, c: int, interp: bool, dtype: torch.dtype, precisi
     loss.backward()
     q64 = x.q_hat.double().requires_grad_()
     k64 = x.k_hat.double().requires_grad_()
-    ref_loss, logits = ref.info_nce_loss(q64, k64, x.queue.double(), T, x.lam, x.perm)
+    ref_loss, logits = ref.info_nce_loss(q64, k64, mix(x.queue.double(), x.lam, x.perm), T)
     ref_loss.backward()
     s64 = logits.detach()[:, 1:] * T
     expect = ref.neg_score_stats(s64, T, BINS)
@@ -151,11 +157,12 @@ def check(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------
 
 def torch_loss(tf32: bool) -> Callable:
-    def run(*a):
+    """The torch reference with the same call as the kernel: the mixed negatives are built in memory first."""
+    def run(q_hat, k_hat, queue, temperature, lam, perm):
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            return ref.info_nce_loss(*a)
+            return ref.info_nce_loss(q_hat, k_hat, mix(queue, lam, perm), temperature)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
     return run

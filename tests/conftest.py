@@ -1,4 +1,8 @@
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +27,15 @@ def tiny_overrides(out_dir, cache, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_under_interpreter(test_file: str, min_passed: int) -> None:
+    """Run `test_file` in a child pytest with TRITON_INTERPRET=1 (the kernels' compiled-or-interpreted mode is
+    fixed when they are first imported) and check that it passed and really ran at least `min_passed` tests."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, f"{out.stdout[-8000:]}\n{out.stderr[-3000:]}"
+    passed = re.search(r"(\d+) passed", out.stdout.splitlines()[-1])
+    assert passed and int(passed.group(1)) >= min_passed, out.stdout[-2000:]

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fastft.moco as moco_module  # noqa: E402
 from fastft import distributed as D  # noqa: E402
 from fastft.config import load_config  # noqa: E402
-from fastft.train import Trainer  # noqa: E402
+from fastft.trainer import Trainer  # noqa: E402
 
 
 def probe_train(out: Path, overrides: list[str]) -> dict:
@@ -53,7 +53,7 @@ def probe_equivalence(out: Path, overrides: list[str]) -> dict:
     x1, x2 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
     b = 8 // D.world_size()
     mine = slice(D.rank() * b, (D.rank() + 1) * b)
-    loss, _, _ = trainer.net(x1[mine], x2[mine], 0)
+    loss = trainer.model(x1[mine], x2[mine], 0).loss
     loss.backward()
     return {"loss": D.all_reduce_mean(loss.detach()),
             "grads": {n: p.grad.clone() for n, p in trainer.model.encoder_q.named_parameters()}}

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from fastft.bench import Settings, loader_plan, main, verdict
-from fastft.bench_timing import PHASES
-from fastft.pipelines.bench import interleaved
-from fastft.pipelines.loader import available_backends
+from fastft.bench.cli import main
+from fastft.bench.report import verdict
+from fastft.bench.step import PHASES, HeldBatches, PhaseClock, make_trainer, run_steps
+from fastft.bench.timing import Settings, interleaved, loader_plan
+from fastft.config import load_config
+from fastft.data import available_backends
 
 DEMO = "configs/demo.yaml"
 TINY = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--repeats", "3", "--kernel-iters", "2"]
@@ -85,6 +87,47 @@ def test_all_modes_on_the_builtin_digits(tmp_path, data_cache, capsys):
     assert v["ratios"]["train_over_model"] == pytest.approx(res["train"]["images_per_s"] / res["model"]["images_per_s"])
     assert (v["bottleneck"] == "data") == (v["ratios"]["train_over_model"] < 0.9)
     assert f"verdict: {v['bottleneck']}" in printed and "| model-only" in printed and "| torchvision |" in printed
+
+
+def test_phase_clock_names_every_phase_and_they_make_up_the_step(tmp_path, data_cache):
+    """The clock's phases are disjoint pieces of each clocked step, end to end: between two steps only the
+    batch request, the lr schedule and entering autocast are outside them (next to nothing on held batches)."""
+    cfg = load_config(DEMO, overrides(tmp_path, data_cache, **{"run.out_dir": str(tmp_path / "run")}))
+    synthetic = HeldBatches.synthetic(cfg, torch.device("cpu"))
+    trainer = make_trainer(cfg, synthetic)
+    clock = PhaseClock(trainer, lambda: None)
+    try:
+        t = run_steps(trainer, synthetic, 1, 3, clock)
+    finally:
+        clock.close()
+        trainer.log.close()
+    assert len(clock.rows) == 4 and all(len(r) == len(PHASES) for r in clock.rows)
+    assert all(v == v for r in clock.rows for v in r)  # every phase of every step was marked (no NaN)
+    assert list(t.phases_ms) == list(PHASES) and all(v > 0 for v in t.phases_ms.values())
+    assert 0.9 * t.step_ms < sum(t.phases_ms.values()) <= t.step_ms
+    # Closed: the hooks are gone, a step adds no row.
+    run_steps(trainer, synthetic, 0, 1)
+    assert len(clock.rows) == 4
+
+
+def test_scores_mode_times_logging_off_on_and_untransformed(tmp_path, data_cache, capsys):
+    rec, printed = run_json(tmp_path, ["scores", "--config", DEMO, *TINY, "--batches", "2",
+                                       *overrides(tmp_path, data_cache)], capsys)
+    sc = rec["results"]["scores"]
+    assert set(rec["results"]) == {"scores"} and sc["batches"] == 2 and rec["settings"]["batches"] == 2
+    variants = sc["variants"]
+    assert list(variants) == ["off", "on", "on+untransformed"]
+    for name, v in variants.items():
+        check_step_timing(v, 8)
+        assert v["data_wait_fraction"] < 0.02  # batches held in memory: no data cost in the step
+        if name != "off":
+            assert v["observe_ms"] > 0 and v["flush_ms"] > 0 and v["share_of_step"] > 0
+            assert v["share_of_step"] == pytest.approx((v["observe_ms"] + v["flush_per_step_ms"])
+                                                       / variants["off"]["step_ms"])
+    assert "observe_ms" not in variants["off"] and "vs_off" not in variants["off"]
+    for name in variants:
+        assert f"| {name} |" in printed
+    assert rec["verdict"]["bottleneck"] is None
 
 
 def test_train_on_generated_jpegs(tmp_path, data_cache, capsys):

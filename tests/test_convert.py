@@ -1,12 +1,15 @@
-"""fastft-convert-dataset: round trips, subsets, errors by path, atomic output."""
+"""fastft-convert-dataset (pipelines/convert_cli.py over pipelines/convert.py): round trips, subsets, errors by
+path, atomic output, interrupts."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ pytestmark = pytest.mark.skipif("ffcv" not in available_backends(), reason="need
 
 
 def run(*args: str) -> int:
-    from fastft.pipelines.convert import main
+    from fastft.pipelines.convert_cli import main  # the command, in process (tests only: an entry point)
 
     return main([str(a) for a in args])
 
@@ -127,7 +130,7 @@ def _default_sigint():  # a shell without job control starts background jobs wit
 def test_interrupted_conversion_leaves_no_output(tmp_path, sig):
     root = write_photo_folder(tmp_path / "src", 150, size=(500, 375), classes=3)
     out = tmp_path / "o.beton"
-    proc = subprocess.Popen([sys.executable, "-m", "fastft.pipelines.convert", str(root), str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "fastft.pipelines.convert_cli", str(root), str(out),
                              "--num-workers", "1", "--write-mode", "jpg"], stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
     deadline = time.time() + 60
@@ -166,3 +169,17 @@ def test_in_process_conversion_leaves_the_caller_alone(photos, tmp_path):
     finally:
         failed.wait()
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+
+
+def test_the_command_module_is_imported_by_no_module():
+    """The console script's module is an entry point: code uses the conversion (convert.py), never the CLI."""
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*root.glob("pipelines/*.py"), *root.glob("fastft/*.py"), *root.glob("kernels/*.py")]):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported |= {node.module or ""} | {f"{node.module or ''}.{a.name}" for a in node.names}
+        assert not any(name.split(".")[-1] == "convert_cli" for name in imported), f"{path} imports it"
+    assert "fastft.pipelines.convert_cli:main" in (root / "setup.py").read_text()

@@ -1,16 +1,19 @@
-"""The built-in digits and the reference two-view loader."""
+"""The built-in digits, the reference two-view loader, and the config -> spec -> loader path (fastft/data.py)."""
 import collections
+import typing
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_overrides
-from fastft.config import load_config
+from fastft.config import ConfigError, LoaderConfig, load_config
+from fastft.data import data_spec, eval_loader, linear_loader, loader_spec, pretrain_loader
+from fastft.pipelines import loader as loaders
 from fastft.pipelines.augment import AUG_SPECS, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
 from fastft.pipelines.builtin import digits_arrays, digits_split, materialize
 from fastft.pipelines.imagefolder import load_rgb
-from fastft.pipelines.loader import eval_loader, pretrain_loader
+from fastft.pipelines.spec import COLOR_OPS, DataSpec, LoaderSpec, color_executor
 
 
 def test_digits_materialise_once_with_a_stratified_split(data_cache):
@@ -83,6 +86,9 @@ def test_class_list_restricts_and_relabels(tmp_path, data_cache):
     cfg = load_config(cfgfile, tiny_overrides(tmp_path / "out", data_cache) + ["data.class_list=bad.txt"])
     with pytest.raises(FileNotFoundError, match="bad.txt have no folder: n01440764"):
         eval_loader(cfg, "val", torch.device("cpu"))
+    cfg = load_config(cfgfile, tiny_overrides(tmp_path / "out", data_cache) + ["data.class_list=missing.txt"])
+    with pytest.raises(FileNotFoundError, match=f"data.class_list 'missing.txt': no such file .*{cfgfile}"):
+        eval_loader(cfg, "val", torch.device("cpu"))
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):
@@ -94,8 +100,62 @@ def test_corrupt_image_error_names_the_file(tmp_path):
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, data_cache):
     cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"data.path": str(tmp_path / "nowhere")}))
-    with pytest.raises(FileNotFoundError, match="nowhere.*no such folder"):
+    with pytest.raises(FileNotFoundError, match="^data.path '.*nowhere': no such folder"):
         pretrain_loader(cfg, torch.device("cpu"))
+    # Used directly, the pipelines name the spec field (and say which it is); fastft.data names the config key.
+    with pytest.raises(FileNotFoundError, match="^path '.*nowhere': no such folder") as err:
+        loaders.pretrain_loader(DataSpec(path=str(tmp_path / "nowhere")), LoaderSpec(), torch.device("cpu"))
+    assert err.value.spec_field == "path"
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"data.path": str(tmp_path / "data")}))
+    with pytest.raises(FileNotFoundError, match="^data.path '.*data': split folder .*train does not exist"):
+        pretrain_loader(cfg, torch.device("cpu"))
+
+
+def test_specs_come_from_the_config_with_paths_beside_it(tmp_path, data_cache):
+    (tmp_path / "few.txt").write_text("3\n7\n")
+    (tmp_path / "betons").mkdir()
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("data:\n  class_list: few.txt\nloader:\n  beton_dir: betons\n  color_ops: torch\n")
+    cfg = load_config(cfgfile, tiny_overrides(tmp_path / "out", data_cache, **{"run.seed": 5}))
+    assert data_spec(cfg) == DataSpec(path="builtin:digits", class_list=tmp_path / "few.txt", image_size=8,
+                                      cache_dir=data_cache)
+    assert loader_spec(cfg) == LoaderSpec(batch_size=16, workers=0, beton_dir=tmp_path / "betons",
+                                          color_ops="torch", seed=5)
+    assert loader_spec(cfg, batch_size=3).batch_size == 3
+
+
+def test_linear_loader_takes_batch_and_crop_scale_from_the_linear_section(tmp_path, data_cache):
+    cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"linear.batch_size": 32,
+                                                                     "linear.crop_scale_min": 0.5}))
+    loader = linear_loader(cfg, torch.device("cpu"))
+    assert loader.batch_size == 32 and len(loader) == 1437 // 32
+    assert loader.dataset.transform.transforms[0].scale == (0.5, 1.0)
+    x, y = next(iter(loader))
+    assert x.shape == (32, 3, 8, 8) and y.shape == (32,)
+    # A spec's crop_scale_min 0 is the probe recipe's own (MoCo's main_lincls: 0.08).
+    ds = loaders.linear_loader(data_spec(cfg), LoaderSpec(), torch.device("cpu")).dataset
+    assert ds.transform.transforms[0].scale == (0.08, 1.0)
+
+
+def test_color_ops_auto_is_numba_on_the_cpu_and_torch_on_cuda():
+    numba = pytest.importorskip("numba")
+    assert numba is not None and color_executor("auto", torch.device("cpu")) == "numba"
+    assert color_executor("auto", torch.device("cuda")) == "torch"  # a device object: no GPU needed
+    assert color_executor("auto", torch.device("cuda", 1)) == "torch"
+    for chosen in ("numba", "torch"):
+        assert color_executor(chosen, torch.device("cpu")) == color_executor(chosen, torch.device("cuda")) == chosen
+    with pytest.raises(ValueError, match="color_ops 'loader': valid: auto, numba, torch"):
+        color_executor("loader", torch.device("cpu"))
+
+
+def test_color_ops_has_one_vocabulary_and_old_values_are_refused(tmp_path, data_cache):
+    field = typing.get_type_hints(LoaderConfig)["color_ops"]
+    assert typing.get_args(field) == COLOR_OPS
+    for old in ("loader", "device", "graph"):
+        with pytest.raises(ConfigError, match=f"loader.color_ops = '{old}' is not valid; "
+                                              f"expected one of 'auto', 'numba', 'torch'"):
+            load_config(None, [f"loader.color_ops={old}"])
 
 
 def test_aug_specs_are_the_moco_recipes():

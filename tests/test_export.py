@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from fastft import checkpoint as ckpt_io
+from fastft.atomic import write_atomic
 from fastft.config import load_config
 from fastft.encoder import build_backbone
 from fastft.export import export, main
@@ -37,8 +38,8 @@ def write_checkpoint(path, arch: str, small_stem: bool = False, full_moco: bool 
     else:
         net, _ = build_backbone(arch, small_stem)
         model = {f"encoder_q.backbone.{k}": v for k, v in perturbed(net, 1).state_dict().items()}
-    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": cfg.to_dict(),
-                         "epoch": 7, "step": 70, "model": model}, path)
+    write_atomic(path, {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "config": cfg.to_dict(),
+                        "epoch": 7, "step": 70, "model": model})
     return cfg
 
 
@@ -142,8 +143,8 @@ def test_non_fastft_files_and_bad_outputs_are_refused(tmp_path, capsys):
     assert f"{other} is not a fastft checkpoint" in capsys.readouterr().err
 
     probe = tmp_path / "probe.pt"  # a fastft checkpoint, but of a linear probe: no encoder inside
-    ckpt_io.save_atomic({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": "linear-probe",
-                         "head": {}}, probe)
+    write_atomic(probe, {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": "linear-probe",
+                         "head": {}})
     assert main([str(probe), "--format", "torchvision", str(tmp_path / "x.pth")]) == 2
     assert "is a linear-probe checkpoint, not a pretraining checkpoint" in capsys.readouterr().err
 

@@ -1,11 +1,11 @@
-"""Feature Transformation against a direct hand computation of the DESIGN.md formulas."""
+"""Feature Transformation against a direct hand computation of the formulas in docs/design.md, section 1."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastft.config import FTConfig, ModelConfig
-from fastft.feature_transform import FeatureTransform, transform_positives
+from fastft.feature_transform import FeatureTransform, NegativeMix, transform_positives
 from fastft.kernels import info_nce_loss, moco_logits
 from fastft.moco import MoCo
 
@@ -36,7 +36,7 @@ def test_logits_equal_hand_computation(n, kq, c):
     lam_p, lam_n, T = 1.37, 0.61, 0.07
     perm = torch.randperm(kq, generator=g)
     q_hat, k_hat = transform_positives(q, k, lam_p)
-    got = moco_logits(q_hat, k_hat, queue, T, lam_n, perm)
+    got = moco_logits(q_hat, k_hat, NegativeMix(lam_n, perm).apply(queue), T)
     np.testing.assert_allclose(got.numpy(), hand_logits(q, k, queue, T, lam_p, lam_n, perm.numpy()), rtol=1e-12)
     # No re-normalisation: q_hat has norm >= 1 under extrapolation, mixed negatives norm <= 1.
     assert (q_hat.norm(dim=1) >= 1 - 1e-12).all()
@@ -59,7 +59,7 @@ def test_gradient_reaches_q_through_both_q_hat_and_k_hat():
         q = q0.clone().requires_grad_(True)
         q_hat, _ = transform_positives(q if through_q_hat else q.detach(), k, 1.6)
         _, k_hat = transform_positives(q if through_k_hat else q.detach(), k, 1.6)
-        loss, _ = info_nce_loss(q_hat, k_hat, queue, 0.2, 0.3, perm)
+        loss, _ = info_nce_loss(q_hat, k_hat, NegativeMix(0.3, perm).apply(queue), 0.2)
         loss.backward()
         return q.grad if q.grad is not None else torch.zeros_like(q)
 
@@ -85,33 +85,45 @@ def test_key_encoder_gets_no_gradient_and_queue_gets_clean_keys():
     model = tiny_moco(FTConfig())  # defaults: extrapolation + interpolation
     keys = capture_keys(model)
     seen = {}
-    real_loss = model.loss_fn
-
-    def spy(q_hat, k_hat, queue, T, lam_n, perm):
-        seen.update(queue_arg=queue.clone(), stored=model.queue.clone(), k_hat=k_hat, lam_n=lam_n, perm=perm)
-        return real_loss(q_hat, k_hat, queue, T, lam_n, perm)
-
-    model.loss_fn = spy
+    model.loss.register_forward_hook(lambda m, args, out: seen.update(queue_arg=args[2].clone(), mix=args[4]))
     before = model.queue.clone()
     x1, x2 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    loss, logits, draw = model(x1, x2)
-    loss.backward()
+    out = model(x1, x2, stats_bins=(-3.0, 3.0, 30))
+    out.loss.backward()
+    assert torch.equal(model.queue, before)  # forward leaves the queue alone: enqueue is the trainer's call
+    model.enqueue(out.k)
 
     assert all(p.grad is None for p in model.encoder_k.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
-    assert torch.equal(seen["stored"], before) and torch.equal(seen["queue_arg"], before)
-    assert 0.0 <= draw.lam_n <= 1.0 and 1.0 <= draw.lam_p <= 2.0
-    assert sorted(draw.perm.tolist()) == list(range(10))
-    # The logits were taken against the mixed negatives of the pre-step queue ...
+    assert torch.equal(seen["queue_arg"], before)  # the loss was handed the stored queue, not a mix of it
+    draw = out.draw
+    assert seen["mix"] is draw.mix
+    assert 0.0 <= draw.mix.lam <= 1.0 and 1.0 <= draw.lam_p <= 2.0
+    assert sorted(draw.mix.perm.tolist()) == list(range(10))
+    # The scores were taken against the mixed negatives of the pre-step queue ...
     with torch.no_grad():
         q = F.normalize(model.encoder_q(x1), dim=1)  # no optimizer step yet: same query features
+    torch.testing.assert_close(out.q, q)
     q_hat = draw.lam_p * q + (1 - draw.lam_p) * keys[0]
-    neg = draw.lam_n * before + (1 - draw.lam_n) * before[draw.perm]
-    torch.testing.assert_close(logits[:, 1:], q_hat @ neg.t() / 0.2)
-    # ... and after the step the queue holds exactly the clean keys at rows 0..3, everything else untouched.
+    k_hat = draw.lam_p * keys[0] + (1 - draw.lam_p) * q
+    neg = draw.mix.lam * before + (1 - draw.mix.lam) * before[draw.mix.perm]
+    s = q_hat @ neg.t()
+    torch.testing.assert_close(out.pos, (q_hat * k_hat).sum(1))
+    torch.testing.assert_close(out.neg.sum, s.sum(1))
+    torch.testing.assert_close(out.neg.sumexp, (s / 0.2).exp().sum(1))
+    assert int(out.neg.hist.sum()) == 4 * 10
+    # ... and after enqueue the queue holds exactly the clean keys at rows 0..3, everything else untouched.
     torch.testing.assert_close(model.queue[:4], keys[0])
     assert torch.equal(model.queue[4:], before[4:])
     assert int(model.queue_ptr) == 4
+
+
+def test_enqueue_before_backward_is_refused_by_autograd_not_silently_wrong():
+    model = tiny_moco(FTConfig(pos="none", neg="none"))
+    out = model(torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8))
+    model.enqueue(out.k)  # the torch loss kept the queue for backward: this is the wrong order
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
 
 
 def test_enqueue_wraps_around_K():
@@ -134,9 +146,11 @@ def test_plain_moco_baseline_trains_a_step():
     model = tiny_moco(FTConfig(pos="none", neg="none"))
     keys = capture_keys(model)
     before = model.queue.clone()
-    loss, logits, draw = model(torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8))
-    loss.backward()  # the queue is overwritten after the logits: backward must still work
-    assert draw.lam_p is None and draw.perm is None and torch.isfinite(loss)
+    out = model(torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8))
+    out.loss.backward()
+    model.enqueue(out.k)
+    assert out.draw.lam_p is None and out.draw.mix is None and not out.draw.transformed
+    assert torch.isfinite(out.loss)
     torch.testing.assert_close(model.queue[:3], keys[0])
     assert torch.equal(model.queue[3:], before[3:])
 
@@ -147,19 +161,19 @@ def test_draws_follow_the_configured_distributions():
     ft = FeatureTransform(FTConfig())
     draws = [ft.draw(3, queue, epoch=0) for _ in range(3000)]
     lam_p = np.array([d.lam_p for d in draws])
-    lam_n = np.array([d.lam_n for d in draws])
+    lam_n = np.array([d.mix.lam for d in draws])
     assert lam_p.min() >= 1 and lam_p.max() <= 2 and lam_n.min() >= 0 and lam_n.max() <= 1
     # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)): 0.05 for a 2.0, ~0.0595 for a 1.6.
     assert abs(lam_p.mean() - 1.5) < 0.02 and abs(lam_p.var() - 0.05) < 0.006
     assert abs(lam_n.mean() - 0.5) < 0.02 and abs(lam_n.var() - 1 / (4 * 4.2)) < 0.006
     inter = FeatureTransform(FTConfig(pos="interpolate", neg="none")).draw(3, queue, 0)
-    assert 0 <= inter.lam_p <= 1 and inter.perm is None
+    assert 0 <= inter.lam_p <= 1 and inter.mix is None
 
 
 def test_elementwise_masks_and_start_epoch():
     queue = torch.randn(11, 6)
     d = FeatureTransform(FTConfig(dim_mask="elementwise")).draw(4, queue, epoch=0)
-    assert d.lam_p.shape == (4, 6) and d.lam_n.shape == (11, 6)
+    assert d.lam_p.shape == (4, 6) and d.mix.lam.shape == (11, 6) and not d.mix.scalar
     assert ((d.lam_p >= 1) & (d.lam_p <= 2)).all()
     late = FeatureTransform(FTConfig(start_epoch=3))
     assert late.draw(4, queue, epoch=2).lam_p is None and late.draw(4, queue, epoch=3).lam_p is not None

@@ -9,17 +9,14 @@ Shapes stay small: the interpreter takes ~1 s for N 64, K 1000, C 128.
 """
 from __future__ import annotations
 
-import inspect
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import run_under_interpreter
 
 from fastft.kernels import reference as ref
 
@@ -36,13 +33,7 @@ if RUN_HERE:
 
 def test_kernels_under_the_interpreter():
     """The CPU entry point: every test below, in a child process with the Triton interpreter on."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, f"{out.stdout[-8000:]}\n{out.stderr[-3000:]}"
-    passed = re.search(r"(\d+) passed", out.stdout.splitlines()[-1])
-    assert passed and int(passed.group(1)) >= 50, out.stdout[-2000:]  # the child really ran the suite
+    run_under_interpreter(__file__, min_passed=50)  # the child really ran the suite
 
 
 @pytest.fixture(autouse=True)
@@ -108,11 +99,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def mix(queue: torch.Tensor, lam: float | torch.Tensor | None, perm: torch.Tensor | None) -> torch.Tensor:
+    """Feature Transformation's negative interpolation, written out: the negatives the kernel forms in registers."""
+    return queue if perm is None else lam * queue + (1 - lam) * queue[perm]
+
+
+def negatives(case: Case) -> torch.Tensor:
+    """The float64 negatives of a case: its (possibly 16-bit) stored queue values, mixed when it interpolates."""
+    return mix(case.queue.double(), case.lam, case.perm)
+
+
 def reference(case: Case, temperature: float = T):
     """Float64 loss, logits, and grads wrt q_hat and k_hat from the stored (possibly 16-bit) queue values."""
     q = case.q_hat.detach().double().requires_grad_()
     k = case.k_hat.detach().double().requires_grad_()
-    loss, logits = ref.info_nce_loss(q, k, case.queue.double(), temperature, case.lam, case.perm)
+    loss, logits = ref.info_nce_loss(q, k, negatives(case), temperature)
     loss.backward()
     return loss.detach(), logits.detach(), q.grad, k.grad
 
@@ -154,7 +155,7 @@ def test_lse_rows_and_vjp(n, k, c, interp, backward):
     (lse * w).sum().backward()
 
     q64 = case.q_hat.detach().double().requires_grad_()
-    ref_lse = torch.logsumexp(ref.moco_logits(q64, q64, case.queue.double(), T, case.lam, case.perm)[:, 1:], dim=1)
+    ref_lse = torch.logsumexp(ref.moco_logits(q64, q64, negatives(case), T)[:, 1:], dim=1)
     (ref_lse * w.double()).sum().backward()
     assert lse.shape == (n,) and lse.dtype == torch.float32
     assert rel(lse.detach(), ref_lse.detach()) < tol.values
@@ -188,7 +189,7 @@ def test_split_sizes_agree(k_per_split):
                                   k_per_split=k_per_split, input_precision=PRECISION)
     lse.sum().backward()
     q64 = case.q_hat.detach().double().requires_grad_()
-    logits = ref.moco_logits(q64, q64, case.queue.double(), T, case.lam, case.perm)[:, 1:]
+    logits = ref.moco_logits(q64, q64, negatives(case), T)[:, 1:]
     torch.logsumexp(logits, dim=1).sum().backward()
     assert rel(lse.detach(), torch.logsumexp(logits.detach(), dim=1)) < tol.values
     assert rel(q.grad, q64.grad) < tol.grads
@@ -202,7 +203,7 @@ def test_large_logits_are_stable():
     lse, _ = it.neg_logsumexp(q, case.queue, 0.05, case.lam, case.perm, input_precision=PRECISION)
     lse.sum().backward()
     q64 = case.q_hat.detach().double().requires_grad_()
-    ref_lse = torch.logsumexp(ref.moco_logits(q64, q64, case.queue.double(), 0.05, case.lam, case.perm)[:, 1:], 1)
+    ref_lse = torch.logsumexp(ref.moco_logits(q64, q64, negatives(case), 0.05)[:, 1:], 1)
     ref_lse.sum().backward()
     assert ref_lse.abs().max() > 100 and torch.isfinite(lse).all() and torch.isfinite(q.grad).all()
     assert rel(lse.detach(), ref_lse.detach()) < tolerance(torch.float32, PRECISION).values
@@ -227,15 +228,20 @@ def test_no_grad_and_non_contiguous_inputs():
     assert torch.allclose(lse_s, lse.detach(), rtol=1e-6, atol=0)
 
 
-def test_per_element_lambda_falls_back_to_the_reference():
+def test_per_element_lambda_is_refused_and_a_0dim_tensor_is_a_scalar():
+    """A per-element lam_n ([K, C]) is not fused: both entry points say so (the torch loss handles it, in
+    fastft/loss.py); a 0-dim tensor lam_n is the same scalar as the float."""
     case = make_case(7, 100, 64, interp=True, seed=5)
     lam = torch.rand(100, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    loss, stats = it.info_nce_loss_triton(case.q_hat, case.k_hat, case.queue, T, lam, case.perm,
-                                          stats_bins=(-0.5, 0.5, 10))
-    ref_loss, logits = ref.info_nce_loss(case.q_hat, case.k_hat, case.queue, T, lam, case.perm)
-    assert torch.equal(loss, ref_loss)
-    expect = ref.neg_score_stats(logits[:, 1:] * T, T, (-0.5, 0.5, 10))
-    assert torch.equal(stats.hist, expect.hist) and torch.allclose(stats.sum, expect.sum)
+    with pytest.raises(ValueError, match="per-element lam_n is not fused; use the torch loss"):
+        it.info_nce_loss_triton(case.q_hat, case.k_hat, case.queue, T, lam, case.perm, stats_bins=(-0.5, 0.5, 10))
+    with pytest.raises(ValueError, match="per-element lam_n is not fused; use the torch loss"):
+        it.neg_logsumexp(case.q_hat, case.queue, T, lam[:1, :1], case.perm)
+    as_float, _ = it.info_nce_loss_triton(case.q_hat, case.k_hat, case.queue, T, case.lam, case.perm)
+    as_tensor, _ = it.info_nce_loss_triton(case.q_hat, case.k_hat, case.queue, T,
+                                           torch.tensor(case.lam, device=DEVICE), case.perm)
+    assert torch.equal(as_float, as_tensor)
+    assert rel(as_tensor, reference(case)[0]) < tolerance(torch.float32, PRECISION).values
 
 
 def test_recompute_backward_refuses_a_queue_modified_before_backward():
@@ -299,7 +305,7 @@ def test_neg_stats_match_reference(n, k, c, dtype, interp):
     assert stats.sum.dtype == stats.sumsq.dtype == stats.sumexp.dtype == torch.float32
     # sum_j s_ij can be ~0 (scores of both signs): measure its error against the scale of its terms,
     # |q_hat_i| sum_j |n_j| (each |s_ij| is at most |q_hat_i| |n_j|).
-    negs = case.queue.double() if case.perm is None else ref.mix_negatives(case.queue.double(), case.lam, case.perm)
+    negs = negatives(case)
     scale = case.q_hat.double().norm(dim=1) * negs.norm(dim=1).sum()
     assert ((stats.sum.double() - s64.sum(1)).abs() / scale).max() < tol.stats
     assert rel(stats.sumsq, (s64 ** 2).sum(1)) < tol.stats
@@ -333,113 +339,6 @@ def test_tf32_on_gpu(n, k, c, interp):
     assert rel(q.grad, ref_gq) < tol.grads and rel(kh.grad, ref_gk) < tol.grads
     assert rel(stats.sumsq, ((logits[:, 1:] * T) ** 2).sum(1)) < tol.stats
     assert int(stats.hist.sum()) == n * k
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Selection (loss.kernel) and training
-# --------------------------------------------------------------------------------------------------------------
-
-def test_select_loss():
-    pytest.importorskip("yaml")  # fastft.config; absent on the bare GPU check machine
-    from fastft.loss import FusedInfoNCE, select_loss
-
-    assert select_loss("torch", DEVICE) is ref.info_nce_loss
-    chosen = select_loss("triton", DEVICE)
-    assert isinstance(chosen, FusedInfoNCE) and chosen.fused
-    assert isinstance(select_loss("auto", DEVICE), FusedInfoNCE) is ON_GPU
-    with pytest.raises(ValueError, match="valid choices"):
-        select_loss("cuda", DEVICE)
-    case = make_case(7, 100, 64, interp=True)
-    loss, stats = chosen(case.q_hat, case.k_hat, case.queue, T, case.lam, case.perm, stats_bins=(-1.0, 1.0, 8))
-    assert rel(loss, reference(case)[0]) < tolerance(torch.float32).values and int(stats.hist.sum()) == 700
-
-
-def test_moco_with_fused_loss_and_bf16_queue():
-    """MoCo stores the queue in loss.queue_dtype, hands the fused loss the queue without a copy, gets None in
-    place of logits (no score logging), and matches the torch loss on the same step."""
-    pytest.importorskip("yaml")
-    import copy
-
-    from fastft.config import FTConfig, ModelConfig
-    from fastft.loss import FusedInfoNCE
-    from fastft.moco import MoCo
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="resnet18", small_stem=True, dim=64, queue_size=40, momentum=0.9)
-    fused = MoCo(cfg, FTConfig(), FusedInfoNCE(), queue_dtype=torch.bfloat16).to(DEVICE)
-    plain = copy.deepcopy(fused)
-    plain.loss_fn = ref.info_nce_loss
-    assert fused.queue.dtype == torch.bfloat16
-    views = torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    out = {}
-    for name, model in (("fused", fused), ("plain", plain)):
-        torch.manual_seed(2)  # the same FT draws for both
-        out[name] = model(views[0], views[1])
-    (loss_f, logits_f, draw_f), (loss_p, logits_p, _) = out["fused"], out["plain"]
-    assert draw_f.perm is not None and logits_f is None and logits_p.shape == (16, 41)
-    assert rel(loss_f.detach(), loss_p.detach()) < tolerance(torch.bfloat16).values
-    loss_f.backward()
-    assert all(p.grad is not None for p in fused.encoder_q.parameters())
-    # Enqueued keys are rounded into the bf16 queue, the same way on both paths.
-    assert fused.queue.dtype == torch.bfloat16 and torch.equal(fused.queue, plain.queue)
-    assert int(fused.queue_ptr) == 16
-
-
-COMPILED_ON_CPU = """
-import torch
-from fastft.config import ConfigError
-from fastft.loss import select_loss
-try:
-    select_loss("triton", torch.device("cpu"))
-except ConfigError as e:
-    print("select:", e)
-from fastft.kernels import neg_logsumexp
-try:
-    neg_logsumexp(torch.randn(4, 64), torch.randn(10, 64), 0.2)
-except RuntimeError as e:
-    print("call:", e)
-"""
-
-
-@pytest.mark.skipif(ON_GPU, reason="checks the CPU without the interpreter")
-def test_triton_on_cpu_without_interpreter_says_how():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILED_ON_CPU], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 2 and all("TRITON_INTERPRET=1" in line for line in lines), out.stdout
-    assert lines[0].startswith("select:") and lines[1].startswith("call:")
-
-
-@pytest.mark.skipif(ON_GPU, reason="a CPU training run under the interpreter (needs the dev stack)")
-def test_training_with_triton_matches_torch(tmp_path, data_cache, monkeypatch):
-    """The same few steps with loss.kernel torch and triton (interpreted): the same loss curve, and the
-    fused path (with its in-kernel score statistics) really ran."""
-    from conftest import tiny_overrides
-    from fastft.config import load_config
-    from fastft.metrics import read_metrics
-    from fastft.train import train
-
-    calls = []  # the arguments of every fused forward pass
-    real_forward = it._forward
-    signature = inspect.signature(real_forward)
-    monkeypatch.setattr(it, "_forward", lambda *a, **kw: calls.append(signature.bind(*a, **kw).arguments)
-                        or real_forward(*a, **kw))
-
-    def curve(kernel: str) -> list[float]:
-        out = tmp_path / kernel
-        overrides = {"loss.kernel": kernel, "model.dim": 64, "optim.epochs": 1}  # 3 steps: ~10 s on 2 cores
-        train(load_config(None, tiny_overrides(out, data_cache, **overrides)))
-        return [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
-
-    torch_curve = curve("torch")
-    assert not calls
-    triton_curve = curve("triton")
-    assert len(calls) == len(triton_curve) == len(torch_curve) == 3
-    assert all(kw["stats_bins"] is not None and kw["with_grad"] for kw in calls)
-    assert triton_curve == pytest.approx(torch_curve, rel=1e-4)
-    assert len(set(torch_curve)) == 3  # the curve moves: equal curves are not equal constants
 
 
 # The driver and the kernel tests never run in the same process: drop whichever does not belong here, so that

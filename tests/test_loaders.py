@@ -21,12 +21,12 @@ from scipy import stats
 
 from conftest import tiny_overrides
 from fastft.config import load_config
+from fastft.data import available_backends, pretrain_loader
 from torchvision import transforms as TT
 
 from fastft.pipelines.augment import (AUG_SPECS, CROP, FLIP, IMAGENET_MEAN, IMAGENET_STD, Step, TwoViews,
                                       _torchvision_step, torchvision_train_transform)
 from fastft.pipelines.imagefolder import SubsetImageFolder
-from fastft.pipelines.loader import available_backends, pretrain_loader
 from fastft.pipelines.photos import write_photo_folder
 from fastft.pipelines.torchvision_loader import TorchvisionLoader
 
@@ -34,9 +34,9 @@ pytestmark = pytest.mark.skipif(set(available_backends()) != {"torchvision", "da
                                 reason="needs the dali and ffcv extras (make install installs them)")
 CPU = torch.device("cpu")
 ALPHA = 1e-4
-# Loader variants checked against torchvision: DALI with its own graph and with the numba colour kernels
-# (the CPU default), FFCV with numba in its threads (the CPU default) and with batched tensor ops (the GPU path).
-VARIANTS = ["dali-graph", "dali-numba", "ffcv-numba", "ffcv-torch"]
+# Loader variants checked against torchvision: each fast backend with each executor of the colour steps
+# (loader.color_ops): the numba kernels (the CPU default) and batched tensor ops (the GPU default).
+VARIANTS = ["dali-numba", "dali-torch", "ffcv-numba", "ffcv-torch"]
 
 JITTER = Step("color_jitter", p=1.0, params={"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1})
 FULL = Step("random_resized_crop", params={"scale": (1.0, 1.0), "ratio": (1.0, 1.0)})  # the whole square image
@@ -109,7 +109,7 @@ def datasets(tmp_path_factory):
 def make_loader(variant: str, data: tuple, aug: str, size: int, batch: int, *, rank: int = 0, world: int = 1,
                 seed: int = 0, crop_scale_min: float = 0.0):
     root, beton = data
-    kind, _, color = variant.partition("-")
+    kind, _, color = variant.partition("-")  # backend-executor; the executor defaults to auto
     if kind == "torchvision":
         transform = torchvision_train_transform(aug, size, crop_scale_min) if color != "tensor" \
             else tensor_transform(aug, size)
@@ -119,12 +119,11 @@ def make_loader(variant: str, data: tuple, aug: str, size: int, batch: int, *, r
         from fastft.pipelines.dali_loader import DALILoader
 
         return DALILoader(SubsetImageFolder(root), batch, 2, CPU, train=True, aug=aug, image_size=size, seed=seed,
-                          rank=rank, world_size=world, color_ops="loader" if color == "graph" else "auto",
-                          crop_scale_min=crop_scale_min)
+                          rank=rank, world_size=world, color_ops=color or "auto", crop_scale_min=crop_scale_min)
     from fastft.pipelines.ffcv_loader import FFCVLoader
 
     return FFCVLoader(beton, batch, 2, CPU, train=True, aug=aug, image_size=size, seed=seed, rank=rank,
-                      world_size=world, color=color, crop_scale_min=crop_scale_min)
+                      world_size=world, color_ops=color or "auto", crop_scale_min=crop_scale_min)
 
 
 def tensor_transform(aug: str, size: int) -> TT.Compose:
@@ -270,7 +269,7 @@ def test_crop_area_aspect_and_flip_match_torchvision(variant, datasets, referenc
     assert stats.binomtest(int(got["flip"].sum()), len(got["flip"]), 0.5).pvalue > ALPHA
 
 
-@pytest.mark.parametrize("variant", ["torchvision", "dali-graph", "ffcv-numba"])
+@pytest.mark.parametrize("variant", ["torchvision", "dali-numba", "ffcv-numba"])
 def test_crop_scale_min_reaches_every_backend(variant, datasets):
     """loader.crop_scale_min (here 0.6) replaces the recipe's 0.2 in every backend's crop."""
     got = crop_stats(collect(make_loader(variant, datasets["coords"], "t_geom", 32, 16, crop_scale_min=0.6), 300))
@@ -344,6 +343,21 @@ def test_two_ranks_see_every_sample_once_with_equal_batch_counts(backend, tmp_pa
             assert len(seen) == 36 and max(c.values()) <= 2
 
 
+@pytest.mark.parametrize("variant", ["dali-numba", "dali-torch"])
+def test_dali_epoch_depends_only_on_seed_and_epoch(variant, tmp_path):
+    """A resumed run replays an epoch: crops and colour draws of both executors are seeded by (seed, epoch)."""
+    root = write_photo_folder(tmp_path / "p", 24, size=(64, 48), classes=2)
+    first = []
+    for epochs in ((0, 1), (1,)):
+        loader = make_loader(variant, (root, None), "mocov2", 16, 4, seed=7)
+        for epoch in epochs:
+            loader.set_epoch(epoch)
+            batch = next(iter(loader))
+        first.append(batch)
+    for a, b in zip(*first):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 def test_dali_names_an_undecodable_file_instead_of_hanging(tmp_path, datasets):
@@ -387,17 +401,24 @@ def test_config_dispatches_and_converts_builtin_data_for_ffcv(tmp_path, data_cac
     assert loader.dataset.classes == [str(i) for i in range(10)]
     v1, v2, y = next(iter(loader))
     assert v1.shape == (16, 3, 16, 16) and y.shape == (16,)
-    cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"loader.backend": "dali"}))
-    assert type(pretrain_loader(cfg, CPU)).__name__ == "DALILoader"
+    assert loader.executor == "numba"  # loader.color_ops: auto, on the CPU
+    for backend, name in (("ffcv", "FFCVLoader"), ("dali", "DALILoader")):  # color_ops reaches both unchanged
+        for color_ops in ("auto", "numba", "torch"):
+            cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{
+                "loader.backend": backend, "data.image_size": 16, "loader.color_ops": color_ops}))
+            loader = pretrain_loader(cfg, CPU)
+            assert type(loader).__name__ == name
+            assert loader.executor == ("numba" if color_ops == "auto" else color_ops)
 
 
 def test_ffcv_without_beton_dir_says_how_to_make_one(tmp_path, data_cache):
     (tmp_path / "data" / "train").mkdir(parents=True)
     cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"loader.backend": "ffcv",
                                                                      "data.path": str(tmp_path / "data")}))
-    with pytest.raises(FileNotFoundError, match="set loader.beton_dir.*fastft-convert-dataset"):
+    with pytest.raises(FileNotFoundError, match="loader.beton_dir is not set.*fastft-convert-dataset"):
         pretrain_loader(cfg, CPU)
     cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{
         "loader.backend": "ffcv", "data.path": str(tmp_path / "data"), "loader.beton_dir": str(tmp_path)}))
-    with pytest.raises(FileNotFoundError, match=r"no .*train.beton; write it with `fastft-convert-dataset"):
+    with pytest.raises(FileNotFoundError, match=r"^loader.beton_dir .*: no .*train.beton; write it with "
+                                                r"`fastft-convert-dataset"):
         pretrain_loader(cfg, CPU)

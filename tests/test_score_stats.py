@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 from conftest import tiny_overrides
 from fastft.config import ConfigError, FTConfig, ScoresConfig, load_config
-from fastft.feature_transform import FeatureTransform
-from fastft.kernels import moco_logits, neg_score_stats
-from fastft.score_stats import (SERIES, BinSpec, ScoreRecorder, ScoreStore, count_bins, neg_stats, read_scores,
-                                scores_from_logits)
-from fastft.train import train
+from fastft.feature_transform import FeatureTransform, NegativeMix
+from fastft.kernels import NegStats, histogram, moco_logits, neg_score_stats
+from fastft.loss import TorchInfoNCE
+from fastft.moco import MoCoStep
+from fastft.score_stats import SERIES, ScoreRecorder, ScoreStore, read_scores
+from fastft.trainer import train
 
 T = 0.2
 BINS = dict(bins=64, pos_lo=-4.0, pos_hi=1.0, neg_lo=-3.0, neg_hi=3.0)
@@ -40,11 +41,14 @@ def assert_hist_close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def ft_step(n=12, k=50, c=16, pos="extrapolate", neg="interpolate"):
+    """One step's FT and torch loss on random features: (MoCoStep, the stored queue, the loss's logits)."""
     q, kk, queue = unit(n, c), unit(n, c), unit(k, c)
     ft = FeatureTransform(FTConfig(pos=pos, neg=neg))
     draw = ft.draw(n, queue, 0)
     q_hat, k_hat = ft.positives(q, kk, draw)
-    return q, kk, queue, draw, q_hat, k_hat, moco_logits(q_hat, k_hat, queue, T, draw.lam_n, draw.perm)
+    out = TorchInfoNCE()(q_hat, k_hat, queue, T, draw.mix, (BINS["neg_lo"], BINS["neg_hi"], BINS["bins"]))
+    negatives = queue if draw.mix is None else draw.mix.apply(queue)
+    return MoCoStep(out.loss, out.pos, out.neg, q, kk, draw), queue, moco_logits(q_hat, k_hat, negatives, T)
 
 
 def recorder(tmp_path, **cfg) -> ScoreRecorder:
@@ -58,9 +62,10 @@ def test_statistics_equal_numpy_on_the_same_logits_after_ft(tmp_path):
     rec = recorder(tmp_path, flush_every=10)
     steps = []
     for step in (1, 2, 3):
-        q, k, queue, draw, q_hat, k_hat, logits = ft_step()
-        assert draw.lam_p is not None and draw.perm is not None and draw.lam_p > 1  # FT really ran
-        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+        out, queue, logits = ft_step()
+        q, k, draw = out.q, out.k, out.draw
+        assert draw.lam_p is not None and draw.mix is not None and draw.lam_p > 1  # FT really ran
+        rec.observe(out, queue)
         rec.commit(step, 0)
         scores = logits.numpy().astype(np.float64) * T  # the same logits, undone by T
         raw_neg = q.numpy().astype(np.float64) @ queue.numpy().astype(np.float64).T
@@ -79,25 +84,25 @@ def test_statistics_equal_numpy_on_the_same_logits_after_ft(tmp_path):
     assert min(s[0].min() for s in steps) < -1 and got.hists["ft_pos"][0][0] < got.hists["ft_pos"][0].sum()
 
 
-def test_neg_stats_match_the_shared_definition():
+def test_histogram_matches_numpy_and_neg_stats_use_it():
     torch.manual_seed(1)
     s = torch.randn(7, 300) * 1.5  # some beyond [-3, 3): they must land in the end bins
-    want = neg_score_stats(s, T, (-3.0, 3.0, 40))
-    got = neg_stats(s, T, BinSpec(-3.0, 3.0, 40))
-    assert torch.equal(got.hist, want.hist) and got.hist.dtype == want.hist.dtype == torch.int64
-    for a, b in zip(got[:3], want[:3]):
-        torch.testing.assert_close(a, b)
-    assert torch.equal(count_bins(s[0], BinSpec(-3.0, 3.0, 40)), neg_score_stats(s[:1], T, (-3.0, 3.0, 40)).hist)
+    got = neg_score_stats(s, T, (-3.0, 3.0, 40))
+    assert got.hist.dtype == torch.int64
+    np.testing.assert_array_equal(got.hist.numpy(), np_hist(s.double().numpy().ravel(), -3.0, 3.0, 40))
+    assert torch.equal(histogram(s[0], (-3.0, 3.0, 40)), neg_score_stats(s[:1], T, (-3.0, 3.0, 40)).hist)
 
 
-def test_negstats_input_gives_what_logits_give(tmp_path):
-    """The fused kernel's path (pos from q_hat . k_hat, NegStats from the kernel) records the same numbers."""
+def test_fused_style_output_records_what_the_torch_loss_records(tmp_path):
+    """The fused kernel's path (pos from q_hat . k_hat, NegStats from its own pass) records the same numbers."""
     torch.manual_seed(2)
-    q, k, queue, draw, q_hat, k_hat, logits = ft_step()
+    out, queue, logits = ft_step()
     a, b = recorder(tmp_path / "a"), recorder(tmp_path / "b")
-    a.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
-    _, stats = scores_from_logits(logits, T, a.neg_bins)
-    b.observe(stats, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+    a.observe(out, queue)
+    s = logits.detach() * T
+    fused = MoCoStep(out.loss, s[:, 0].clone(), NegStats(*neg_score_stats(s[:, 1:], T, a.neg_bins.as_tuple())),
+                     out.q, out.k, out.draw)
+    b.observe(fused, queue)
     torch.testing.assert_close(a.means[0], b.means[0])
     assert torch.equal(a.hists, b.hists)
 
@@ -113,8 +118,8 @@ def test_no_host_sync_between_flushes(tmp_path, monkeypatch):
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "bincount", forbidden)  # reads min/max back on CUDA
-    for step, (q, k, queue, draw, q_hat, k_hat, logits) in enumerate(batches, 1):
-        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+    for step, (out, queue, _) in enumerate(batches, 1):
+        rec.observe(out, queue)
         rec.commit(step, 0)
     monkeypatch.undo()
     assert not (tmp_path / "scores" / "chunk_0000000001.npz").exists()  # nothing flushed yet
@@ -122,25 +127,30 @@ def test_no_host_sync_between_flushes(tmp_path, monkeypatch):
     assert read_scores(tmp_path).steps.tolist() == [1, 2, 3]
 
 
-def test_moco_forward_records_its_own_logits_and_the_clean_features(tmp_path, data_cache):
-    """Through MoCo.forward: FT stats equal numpy on the logits it returns; untransformed ones equal numpy on
-    the clean q, k and the queue as it was before this step's enqueue."""
-    from fastft.moco import MoCo
+def test_the_trainers_step_records_the_loss_scores_and_the_clean_features(tmp_path, data_cache):
+    """Through the trainer's step: FT stats equal numpy on the logits the loss built; untransformed ones equal
+    numpy on the clean q, k and the queue as it was before this step's enqueue."""
+    from fastft.trainer import Trainer
     cfg = load_config(None, tiny_overrides(tmp_path, data_cache, **{"model.queue_size": 64}))
-    torch.manual_seed(4)
-    model = MoCo(cfg.model, cfg.ft)
+    trainer = Trainer(cfg)
+    trainer.prepare()
     seen = {}
-    positives = model.ft.positives
-    model.ft.positives = lambda q, k, draw: (seen.update(q=q.detach().clone(), k=k.clone()), positives(q, k, draw))[1]
-    rec = recorder(tmp_path)
-    queue_before = model.queue.clone()
+    trainer.model.loss.register_forward_hook(lambda m, args, out: seen.update(
+        logits=moco_logits(args[0], args[1], args[2] if args[4] is None else args[4].apply(args[2]), args[3]),
+        queue=args[2].clone()))
+    positives = trainer.model.ft.positives
+    trainer.model.ft.positives = lambda q, k, draw: (seen.update(q=q.detach().clone(), k=k.clone()),
+                                                     positives(q, k, draw))[1]
+    queue_before = trainer.model.queue.clone()
+    torch.manual_seed(4)
     x1, x2 = torch.rand(16, 3, 8, 8), torch.rand(16, 3, 8, 8)
-    _, logits, draw = model(x1, x2, 0, scores=rec)
-    assert not torch.equal(model.queue, queue_before)  # enqueue ran after the stats were taken
-    rec.commit(1, 0)
-    rec.flush()
+    trainer.train_step(x1, x2)
+    assert torch.equal(seen["queue"], queue_before)
+    assert not torch.equal(trainer.model.queue, queue_before)  # enqueue ran after the stats were taken
+    trainer.scores.commit(1, 0)
+    trainer.scores.flush()
     got = read_scores(tmp_path)
-    s = logits.detach().numpy().astype(np.float64) * cfg.model.temperature
+    s = seen["logits"].detach().numpy().astype(np.float64) * cfg.model.temperature
     q, k, qu = (t.numpy().astype(np.float64) for t in (seen["q"], seen["k"], queue_before))
     for feat, (p, n) in (("ft", (s[:, 0], s[:, 1:])), ("raw", ((q * k).sum(1), q @ qu.T))):
         for name, want in np_expected(p, n).items():
@@ -179,9 +189,9 @@ def test_interpolation_at_half_halves_the_neg_variance():
     q, queue = unit(32, 128), unit(2048, 128)
     perm = torch.randperm(2048)
     plain = moco_logits(q, q, queue, T)
-    mixed = moco_logits(q, q, queue, T, 0.5, perm)
-    bins = BinSpec(-3.0, 3.0, 64)
-    var = lambda lg: (lambda p, n: (n.sumsq / 2048 - (n.sum / 2048) ** 2).mean().item())(*scores_from_logits(lg, T, bins))
+    mixed = moco_logits(q, q, NegativeMix(0.5, perm).apply(queue), T)
+    stats = lambda lg: neg_score_stats(lg[:, 1:] * T, T, (-3.0, 3.0, 64))
+    var = lambda lg: (lambda n: (n.sumsq / 2048 - (n.sum / 2048) ** 2).mean().item())(stats(lg))
     assert 0.4 < var(mixed) / var(plain) < 0.6
 
 
@@ -225,8 +235,8 @@ def test_flush_logs_interval_means_and_tensorboard_histograms(tmp_path):
     rec = ScoreRecorder(ScoresConfig(**BINS, flush_every=2), T, torch.device("cpu"), ScoreStore(tmp_path), log)
     rec.begin(0, None)
     for step in (1, 2):  # the second commit fills the chunk: flushed without an explicit flush()
-        q, k, queue, draw, q_hat, k_hat, logits = ft_step(n=12, k=50)
-        rec.observe(logits, q_hat, k_hat, q=q, k=k, queue=queue, draw=draw)
+        out, queue, _ = ft_step(n=12, k=50)
+        rec.observe(out, queue)
         rec.commit(step, 0)
     log.close()
     got = read_scores(tmp_path)

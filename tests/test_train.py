@@ -1,6 +1,5 @@
 """End-to-end training on the built-in digits: exact resume, atomic checkpoints, refused checkpoints."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,8 @@ from conftest import tiny_overrides
 from fastft import checkpoint as ckpt_io
 from fastft.config import load_config
 from fastft.metrics import read_metrics
-from fastft.train import main, train
+from fastft.train import main
+from fastft.trainer import train
 
 
 def cfg_for(out_dir, cache, **extra):
@@ -53,12 +53,13 @@ def test_metrics_past_the_checkpoint_are_dropped_on_resume(tmp_path, data_cache)
 KILL_WHILE_SAVING = textwrap.dedent("""
     import os, signal, sys
     from fastft import checkpoint as ckpt_io
+    from fastft.atomic import write_atomic
     path = ckpt_io.checkpoint_path(sys.argv[1], 2)
     real_fsync = os.fsync
     def die(fd):  # the temp file is fully written but not yet renamed: the worst moment
         os.kill(os.getpid(), signal.SIGKILL)
     os.fsync = die
-    ckpt_io.save_atomic({"format": "fastft-checkpoint", "version": 1, "junk": list(range(10))}, path)
+    write_atomic(path, {"format": "fastft-checkpoint", "version": 1, "junk": list(range(10))})
 """)
 
 

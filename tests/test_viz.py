@@ -9,7 +9,7 @@ from matplotlib.image import imread
 
 from conftest import tiny_overrides
 from fastft.config import load_config
-from fastft.train import train
+from fastft.trainer import train
 from fastft.viz import main as viz_main
 
 
