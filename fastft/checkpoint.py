@@ -1,8 +1,13 @@
 """Exactly-resumable checkpoints: written atomically (fastft/atomic.py), loaded with `weights_only=True` (no
 arbitrary pickles), refused with a reason when they do not fit the run that wants them.
+
+A checkpoint is judged by whether it loads, never by its file name alone: a file that does not load (a truncated
+copy, say) is moved aside into `checkpoints/unreadable/`, never counted as the newest and never a reason to
+delete one that loads. Nothing here deletes a checkpoint except pruning beyond `run.keep_ckpts` readable ones.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 import warnings
@@ -16,6 +21,8 @@ from .atomic import write_atomic
 FORMAT = "fastft-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
+UNREADABLE = "unreadable"  # checkpoints/unreadable/: files that did not load, set aside (never deleted)
+EARLIER = "earlier"  # checkpoints/earlier/: a previous run's checkpoints, set aside when a run starts afresh
 
 # Keys that may change between the run that wrote a checkpoint and the one resuming it: they change
 # where output goes or how often things are logged, not the computation.
@@ -48,13 +55,14 @@ def save(ckpt: dict, out_dir: str | Path, epoch: int, keep: int) -> Path:
     return path
 
 
-def load(path: str | Path) -> dict:
-    """A fastft checkpoint, or CheckpointError saying why `path` is not one."""
+def load(path: str | Path, lazy: bool = False) -> dict:
+    """A fastft checkpoint, or CheckpointError saying why `path` is not one. `lazy`: tensors are memory-mapped,
+    not read (enough to tell whether the file is whole)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
                               f"or not a torch file") from e
@@ -67,7 +75,7 @@ def load(path: str | Path) -> dict:
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Checkpoints in `out_dir`, newest first."""
+    """Checkpoints in `out_dir`, by file name, newest first (whether they load is not checked)."""
     folder = Path(out_dir) / "checkpoints"
     if not folder.is_dir():
         return []
@@ -75,19 +83,63 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_good(out_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; unreadable ones (e.g. truncated by a copy) are skipped with a warning."""
+def scan(out_dir: str | Path) -> tuple[tuple[Path, dict] | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads (path, contents), and the newer ones that do not, with the reason."""
+    unreadable = []
     for path in list_checkpoints(out_dir):
         try:
-            return path, load(path)
+            return (path, load(path)), unreadable
         except CheckpointError as e:
-            warnings.warn(f"skipping {e}")
-    return None
+            unreadable.append((path, str(e)))
+    return None, unreadable
+
+
+def newest_good(out_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; unreadable ones are skipped with a warning (and left where they are)."""
+    found, unreadable = scan(out_dir)
+    for _, why in unreadable:
+        warnings.warn(f"skipping {why}")
+    return found
+
+
+def set_aside(path: Path, into: str, why: str = "") -> Path:
+    """Move checkpoint `path` into checkpoints/<into>/ (never over another file) and warn, naming both."""
+    folder = path.parent / into
+    folder.mkdir(exist_ok=True)
+    dest, n = folder / path.name, 0
+    while dest.exists():
+        n += 1
+        dest = folder / f"{path.name}.{n}"
+    os.replace(path, dest)
+    warnings.warn(f"{path} moved to {dest}" + (f": {why}" if why else "") + " (nothing was deleted)")
+    return dest
+
+
+def set_aside_all(out_dir: str | Path) -> None:
+    """Before a run starts afresh in `out_dir`: every checkpoint there is moved aside (unreadable ones into
+    checkpoints/unreadable/, an earlier run's into checkpoints/earlier/), so that pruning never weighs them
+    against the new run's."""
+    for path in list_checkpoints(out_dir):
+        try:
+            load(path, lazy=True)
+        except CheckpointError as e:
+            set_aside(path, UNREADABLE, str(e))
+        else:
+            set_aside(path, EARLIER, "this run starts afresh")
 
 
 def prune(out_dir: str | Path, keep: int) -> None:
-    for old in list_checkpoints(out_dir)[keep:]:
-        old.unlink(missing_ok=True)
+    """Keep the `keep` newest checkpoints that load; delete older ones; move any that do not load aside."""
+    kept = 0
+    for path in list_checkpoints(out_dir):
+        try:
+            load(path, lazy=True)
+        except CheckpointError as e:
+            set_aside(path, UNREADABLE, str(e))
+            continue
+        kept += 1
+        if kept > keep:
+            path.unlink(missing_ok=True)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,9 @@ class RunConfig:
     steps_per_epoch: int = bounded(0, 0)  # 0 = the whole dataset; otherwise truncate epochs (smoke tests)
     ckpt_every: int = bounded(1, 1)  # epochs between checkpoints (the last epoch always saves)
     keep_ckpts: int = bounded(2, 1)
-    resume: str = "auto"  # auto | none | path to a checkpoint
+    # auto: the newest checkpoint in out_dir that loads; none: start afresh (earlier checkpoints are moved into
+    # checkpoints/earlier/, unreadable ones into checkpoints/unreadable/, never deleted); or a checkpoint's path.
+    resume: str = "auto"
     epochs_per_job: int = bounded(0, 0)  # stop after this many epochs (time-limited job slots); 0 = no limit
     progress: bool = True
     tensorboard: bool = True
@@ -186,6 +189,13 @@ class ScoresConfig:
     pos_hi: float = 1.0
     neg_lo: float = -3.0
     neg_hi: float = 3.0
+
+    def __post_init__(self):
+        for kind in ("pos", "neg"):
+            lo, hi = getattr(self, f"{kind}_lo"), getattr(self, f"{kind}_hi")
+            if not lo < hi:
+                raise ConfigError(f"scores.{kind}_lo = {lo} must be below scores.{kind}_hi = {hi}: the histogram of "
+                                  f"{kind} scores covers [{kind}_lo, {kind}_hi)")
 
 
 @dataclass
@@ -335,6 +345,31 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write configs: `1e-3` is a number (YAML 1.1 wants `1.0e-3`), and a key given twice in one
+    mapping is an error (YAML would silently keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {line}); YAML would keep only "
+                                  f"the second: merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. optim.epochs=10)")
@@ -343,22 +378,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {text!r} has no key before '='")
     # YAML parsing gives `10` -> int, `0.5` -> float, `true` -> bool, `null` -> None, like the file itself.
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key, parse_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote "
+                          f"it to pass text") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The YAML mapping in config file `path`, or a ConfigError that names the file and what is wrong."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file (e.g. configs/demo.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return parse_yaml(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
-    raw: dict = {}
-    where = "defaults"
-    if path is not None:
-        where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {where} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides. Every check,
+    across fields too, runs here: nothing is built or written for a config that is refused."""
+    raw = read_config_file(path) if path is not None else {}
+    where = str(path) if path is not None else "defaults"
     cfg = _build(Config, raw, "", where)  # file errors are reported against the file
     for text in overrides:
         key, value = parse_override(text)

@@ -154,7 +154,7 @@ class LinearProbe(ResumableRun):
         self.run_dir = Path(cfg.run.out_dir)
         # One folder per encoder (epoch_0020, random_init): probes of several checkpoints never collide.
         super().__init__((Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear") / self.info.name,
-                         self.lin.epochs, cfg.run, self.lin.resume)
+                         self.lin.epochs, cfg.run, self.lin.resume, "linear.resume")
         self.encoder = FrozenEncoder(backbone.module, self.device, dtype, cfg.run.channels_last)
         self.identity = probe_identity(cfg, self.info)
         torch.manual_seed(cfg.run.seed + rank())  # the classifier's init and the augmentations of worker-less loading

@@ -17,18 +17,25 @@ class MetricsLog:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / FILE
         self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
+        self.tensorboard = enabled and tensorboard
+        self._tb = None
+
+    @property
+    def tb(self):
+        """The TensorBoard writer, made on first use: a run refused before it logs anything leaves no tb/ folder."""
+        if self._tb is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        return self._tb
 
     def log(self, record: dict[str, Any]) -> None:
         """Append `record` (must hold `step`); numbers also go to TensorBoard as `<kind>/<key>`."""
         if not self.enabled:
             return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        if self.tensorboard:
             kind = record.get("kind", "train")
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
@@ -40,7 +47,7 @@ class MetricsLog:
         Empty end bins are trimmed, as TensorBoard's own add_histogram does; bin centres stand in for the values
         in `sum` / `sum_squares`.
         """
-        if not self.enabled or self.tb is None:
+        if not self.tensorboard:
             return
         counts = np.asarray(counts, dtype=np.float64)
         edges = np.asarray(edges, dtype=np.float64)
@@ -62,8 +69,8 @@ class MetricsLog:
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

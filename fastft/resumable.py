@@ -23,11 +23,12 @@ from .metrics import MetricsLog
 class ResumableRun:
     name = "fastft"  # how messages name the run ("linear probe", ...)
 
-    def __init__(self, out_dir: str | Path, epochs: int, run: RunConfig, resume: str):
+    def __init__(self, out_dir: str | Path, epochs: int, run: RunConfig, resume: str, resume_key: str = "run.resume"):
         self.out_dir = Path(out_dir)
         self.epochs = epochs  # the target
         self.run_cfg = run
         self.resume_mode = resume  # auto | none | a checkpoint path
+        self.resume_key = resume_key  # the config key it came from, for messages
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.history: list[float] = []  # mean training loss of each completed epoch
@@ -90,21 +91,40 @@ class ResumableRun:
         self.log.truncate_after(self.step)
 
     def resume(self) -> None:
-        """run.resume: auto (the newest checkpoint that loads, picked on rank 0 for every rank), none, or a path."""
-        if self.resume_mode == "none":
-            return
-        if self.resume_mode == "auto":
-            found = ckpt_io.newest_good(self.out_dir) if is_main() else None
-            chosen = broadcast_object(str(found[0]) if found else None)
-            if chosen is None:
-                return
-            path = Path(chosen)
-            ckpt = found[1] if found else ckpt_io.load(path)
-        else:
+        """auto: the newest checkpoint that loads (picked on rank 0 for every rank); none: start afresh (earlier
+        checkpoints set aside, never deleted); or the path of a checkpoint. See `_pick` for files that do not load."""
+        if self.resume_mode not in ("auto", "none"):
             path = Path(self.resume_mode)
-            ckpt = ckpt_io.load(path)
-        self.load(ckpt, path)
+            self.load(ckpt_io.load(path), path)
+            self.say(f"{self.name}: resumed from {path} (epoch {self.epoch}, step {self.step})")
+            return
+        found, refusal = self._pick() if is_main() else (None, None)
+        chosen, refusal = broadcast_object((str(found[0]) if found else None, refusal))
+        if refusal is not None:
+            raise ckpt_io.CheckpointError(refusal)
+        if chosen is None:
+            return
+        path = Path(chosen)
+        self.load(found[1] if found else ckpt_io.load(path), path)
         self.say(f"{self.name}: resumed from {path} (epoch {self.epoch}, step {self.step})")
+
+    def _pick(self) -> tuple[tuple[Path, dict] | None, str | None]:
+        """Rank 0's choice: (the checkpoint to resume from, or None; the reason to stop instead, or None).
+
+        Files that do not load are moved into checkpoints/unreadable/; when nothing else is there, the run stops
+        and asks for a decision (resume = none) rather than start afresh beside them on its own."""
+        if self.resume_mode == "none":
+            ckpt_io.set_aside_all(self.out_dir)
+            return None, None
+        found, unreadable = ckpt_io.scan(self.out_dir)
+        if found is None and unreadable:
+            names = "; ".join(why for _, why in unreadable)
+            return None, (f"{self.out_dir / 'checkpoints'} holds no checkpoint that loads ({names}). Nothing was "
+                          f"resumed or written: look at them, or pass {self.resume_key}=none to move them into "
+                          f"checkpoints/{ckpt_io.UNREADABLE}/ and start afresh")
+        for path, why in unreadable:
+            ckpt_io.set_aside(path, ckpt_io.UNREADABLE, why)
+        return found, None
 
     def fit(self) -> int:
         """Train up to `epochs` (or run.epochs_per_job more); returns the number of epochs run now."""

@@ -10,7 +10,6 @@ with the loader interface (set_epoch, len, (view1, view2, labels)); `prepare()` 
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from .device import pick_device, pick_precision
 from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, rank, setup, world_size
 from .knn import evaluate_knn
 from .loss import queue_dtype, select_loss
+from .metrics import read_metrics
 from .moco import MoCo
 from .resumable import ResumableRun, mean_loss
 from .schedule import base_lr, lr_at
@@ -219,17 +219,24 @@ class Trainer(ResumableRun):
                  f"FT pos={cfg.ft.pos} neg={cfg.ft.neg} | {len(self.loader.dataset)} images, "
                  f"{self.steps_per_epoch} steps/epoch, batch {cfg.loader.batch_size}x{world_size()}, "
                  f"{self.device} {str(self.dtype).removeprefix('torch.')}")
-        ran = self.fit()
-        summary = {"epoch": self.epoch, "step": self.step, "loss_history": self.history,
-                   "knn_top1": self.knn_last, "knn_init_top1": self.knn_init, "knn_pixels_top1": self.knn_pixels}
-        done = self.out_dir / SUMMARY
-        if ran == 0 and done.is_file():  # a finished run started again: its report stands (no kNN was run now)
-            summary = json.loads(done.read_text())
+        self.fit()
+        summary = self.summary()
         if self.epoch == self.epochs:
             self.write_summary(SUMMARY, summary)
             self.report(summary)
         self.log.close()
         return summary
+
+    def summary(self) -> dict:
+        """The run's report, rebuilt from its state and metrics.jsonl on every start: a kill between the last
+        checkpoint and summary.json loses nothing."""
+        knn_last = self.knn_last
+        if knn_last is None:  # not measured by this process: the record of the epoch the checkpoint holds
+            logged = [r.get("knn_top1") for r in read_metrics(self.out_dir)
+                      if r.get("kind") == "epoch" and r.get("epoch") == self.epoch]
+            knn_last = logged[-1] if logged else None
+        return {"epoch": self.epoch, "step": self.step, "loss_history": self.history, "knn_top1": knn_last,
+                "knn_init_top1": self.knn_init, "knn_pixels_top1": self.knn_pixels}
 
     def report(self, summary: dict) -> None:
         if summary["knn_top1"] is None:

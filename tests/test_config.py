@@ -82,6 +82,42 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "model: 3\n"))
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    text = "optim:\n  epochs: 3\n  lr: 0.5\nmodel:\n  dim: 64\noptim:\n  lr: 0.03\n"
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'optim' appears twice \(lines 1 and 6\)"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"key 'lr' appears twice \(lines 2 and 3\)"):
+        load_config(write(tmp_path, "optim:\n  lr: 0.5\n  lr: 0.1\n"))
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, "optim:\n  lr: 3e-2\n  weight_decay: 1E-4\n"), ["loss.queue_dtype=bf16",
+                                                                                    "optim.lr=1e-3"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 1e-4
+    assert load_config(write(tmp_path, "optim:\n  lr: 2.5e+1\n")).optim.lr == 25.0
+
+
+def test_config_inputs_that_are_not_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("optim:\n  lr: 0.5 # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match=r"override 'optim.lr=\[': the value is not valid YAML"):
+        load_config(None, ["optim.lr=["])
+
+
+def test_cross_field_checks_run_when_the_config_loads(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"scores.pos_lo = 2.0 must be below scores.pos_hi = 1.0"):
+        load_config(None, ["scores.pos_lo=2"])
+    with pytest.raises(ConfigError, match=r"scores.neg_lo = 3.0 must be below scores.neg_hi = -3.0"):
+        load_config(write(tmp_path, "scores:\n  neg_lo: 3\n  neg_hi: -3\n"))
+    from fastft.train import main
+    out = tmp_path / "run"
+    assert main(["configs/demo.yaml", f"run.out_dir={out}", "scores.neg_hi=-5"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not out.exists()  # nothing written
+
+
 def test_malformed_override(tmp_path):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(write(tmp_path, ""), ["optim.epochs"])

@@ -12,7 +12,7 @@ from fastft.feature_transform import FeatureTransform, NegativeMix
 from fastft.kernels import NegStats, histogram, moco_logits, neg_score_stats
 from fastft.loss import TorchInfoNCE
 from fastft.moco import MoCoStep
-from fastft.score_stats import SERIES, ScoreRecorder, ScoreStore, read_scores
+from fastft.score_stats import SERIES, BinSpec, ScoreRecorder, ScoreStore, read_scores
 from fastft.trainer import train
 
 T = 0.2
@@ -220,8 +220,10 @@ def test_resume_keeps_scores_exact_and_drops_chunks_past_the_checkpoint(tmp_path
 
 
 def test_bad_bins_are_a_config_error():
+    with pytest.raises(ConfigError, match="scores.pos_lo = 1.0 must be below scores.pos_hi = -1.0"):
+        ScoresConfig(pos_lo=1.0, pos_hi=-1.0)
     with pytest.raises(ConfigError, match="need lo < hi"):
-        ScoreRecorder(ScoresConfig(pos_lo=1.0, pos_hi=-1.0), T, torch.device("cpu"))
+        BinSpec(0.5, 0.5, 10)
     with pytest.raises(ConfigError, match=r"scores.bins = 1 is out of range"):
         load_config(None, ["scores.bins=1"])
 

@@ -79,7 +79,7 @@ def test_kill_while_writing_leaves_previous_checkpoint(tmp_path, data_cache):
     with pytest.warns(UserWarning, match="epoch_0003.pt cannot be read"):
         path, _ = ckpt_io.newest_good(out)
     assert path == good[0]
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="epoch_0003.pt moved to .*unreadable"):
         assert train(cfg_for(out, data_cache))["epoch"] == 2
 
 
@@ -143,3 +143,63 @@ def test_starting_a_finished_run_again_keeps_its_report(tmp_path, data_cache):
     assert first["knn_top1"] is not None and first["knn_init_top1"] is not None
     again = train(cfg)  # nothing left to train: the report stands, nothing is measured again
     assert again == first == json.loads((tmp_path / "summary.json").read_text())
+    # Killed between the last checkpoint and summary.json: the next start rebuilds it whole, from the checkpoint
+    # and metrics.jsonl, measuring nothing again.
+    (tmp_path / "summary.json").unlink()
+    assert train(cfg) == first == json.loads((tmp_path / "summary.json").read_text())
+
+
+def truncated_copy(good, dest):
+    dest.write_bytes(good.read_bytes()[:1000])
+
+
+def test_unreadable_newer_files_never_cost_a_readable_checkpoint(tmp_path, data_cache):
+    """Truncated copies named as the newest epochs: resume from the newest file that loads, the copies set aside
+    (not deleted, never counted as newest), and pruning keeps the new run's checkpoints."""
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1, "run.keep_ckpts": 1}))
+    (good,) = ckpt_io.list_checkpoints(out)
+    for epoch in (98, 99):
+        truncated_copy(good, ckpt_io.checkpoint_path(out, epoch))
+    with pytest.warns(UserWarning, match="epoch_0099.pt moved to .*unreadable/epoch_0099.pt"):
+        assert train(cfg_for(out, data_cache, **{"run.keep_ckpts": 1}))["epoch"] == 2
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["epoch_0002.pt"]
+    assert ckpt_io.load(ckpt_io.checkpoint_path(out, 2))["epoch"] == 2
+    assert sorted(p.name for p in (out / "checkpoints" / "unreadable").iterdir()) == ["epoch_0098.pt",
+                                                                                        "epoch_0099.pt"]
+
+
+def test_pruning_sets_aside_what_does_not_load(tmp_path, data_cache):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1}))
+    (good,) = ckpt_io.list_checkpoints(out)
+    truncated_copy(good, ckpt_io.checkpoint_path(out, 7))  # appears after the run chose its checkpoint
+    with pytest.warns(UserWarning, match="epoch_0007.pt moved to"):
+        ckpt_io.prune(out, keep=1)
+    assert ckpt_io.list_checkpoints(out) == [good]
+
+
+def test_only_unreadable_checkpoints_stop_the_run_until_told_to_start_afresh(tmp_path, data_cache, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "epoch_0005.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["configs/demo.yaml", *tiny_overrides(out, data_cache)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epoch_0005.pt" in err[0] and "run.resume=none" in err[0], err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written, nothing moved
+    with pytest.warns(UserWarning, match="epoch_0005.pt moved to"):
+        assert main(["configs/demo.yaml", *tiny_overrides(out, data_cache, **{"run.resume": "none"})]) == 0
+    assert (out / "checkpoints" / "unreadable" / "epoch_0005.pt").is_file()
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["epoch_0002.pt", "epoch_0001.pt"]
+
+
+def test_starting_afresh_sets_an_earlier_runs_checkpoints_aside(tmp_path, data_cache):
+    """A fresh start in a folder of a longer earlier run: its higher-numbered checkpoints must not make pruning
+    delete the new run's."""
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"optim.epochs": 3, "run.keep_ckpts": 1}))
+    with pytest.warns(UserWarning, match="epoch_0003.pt moved to .*earlier"):
+        train(cfg_for(out, data_cache, **{"run.resume": "none", "run.keep_ckpts": 1}))
+    assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["epoch_0002.pt"]
+    assert [p.name for p in (out / "checkpoints" / "earlier").iterdir()] == ["epoch_0003.pt"]
