@@ -24,7 +24,7 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs raw pixels.
+# Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs pixels.
 demo: install
 	$(PY) -m fastft.train configs/demo.yaml $(ARGS)
 	$(PY) -m fastft.linear configs/demo.yaml --compare-random-init linear.cache_features=true $(ARGS)

@@ -24,18 +24,18 @@ _NAME = re.compile(r"^epoch_(\d{4,})\.pt$")
 UNREADABLE = "unreadable"  # checkpoints/unreadable/: files that did not load, set aside (never deleted)
 EARLIER = "earlier"  # checkpoints/earlier/: a previous run's checkpoints, set aside when a run starts afresh
 
-# Keys that may change between the run that wrote a checkpoint and the one resuming it: they change
-# where output goes or how often things are logged, not the computation.
+# How config keys are classed for resuming. Training-defining keys must match the checkpoint's; these may change:
+# where output goes, how often things are logged, checkpointed or evaluated, how loading is parallelised.
 RESUME_FREE_KEYS = {
     "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
-    "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "knn.every",
-    "knn.pixels", "data.cache_dir",
-    # Score logging only observes the step (fastft/score_stats.py checks its own bins on resume).
-    "scores.enabled", "scores.flush_every", "scores.untransformed", "scores.bins", "scores.pos_lo",
-    "scores.pos_hi", "scores.neg_lo", "scores.neg_hi",
+    "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "data.cache_dir",
 }
-# Whole sections that only evaluation reads: pretraining never depends on them (`linear` is the probe's).
-RESUME_FREE_SECTIONS = {"linear"}
+# Whole sections that only evaluate or log: the kNN monitor, score logging (fastft/score_stats.py checks its own
+# bins on resume) and the linear probe's settings.
+RESUME_FREE_SECTIONS = {"knn", "scores", "linear"}
+# Training-defining, yet changeable on resume: the run's length. From the resumed step on the lr follows the
+# schedule of the new length, as a run configured with it from the start would (README, "What a run does").
+RESUME_EXTENDABLE_KEYS = {"optim.epochs"}
 RESUME_HINT = "Use the same config, another run.out_dir, or run.resume=none to start afresh."
 
 

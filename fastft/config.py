@@ -132,7 +132,8 @@ class KnnConfig:
     every: int = bounded(10, 0)  # epochs between kNN evaluations on the val split; 0 = never
     k: int = bounded(200, 1)
     temperature: float = bounded(0.07, 0.0, None, lo_open=True)
-    # Also report kNN on raw pixels: a floor that shows what the encoder adds (cheap on small data only).
+    # Also report kNN on the pixels (as the eval transform gives them): the floor that shows what the encoder adds
+    # (cheap on small data only).
     pixels: bool = False
 
 
@@ -158,13 +159,19 @@ class RunConfig:
 
 @dataclass
 class LinearConfig:
-    """Linear evaluation of the frozen query backbone (`python -m fastft.linear`). Defaults: the MoCo protocol."""
+    """Linear evaluation of the frozen query backbone (`fastft-linear`): MoCo's protocol (frozen backbone, one
+    linear layer, SGD, 100 epochs, RandomResizedCrop + flip), on standardised features so that it converges for
+    any encoder. MoCo's own optimiser settings are `standardize=false lr=30 schedule=step` (README, "Evaluation")."""
     epochs: int = bounded(100, 1)
     batch_size: int = bounded(256, 1)  # per process
-    lr: float = bounded(30.0, 0.0, None, lo_open=True)  # not scaled with the batch, as MoCo's main_lincls
+    # Features standardised by a BatchNorm without affine parameters before the linear layer (synchronised
+    # across ranks): the same lr then converges whatever the scale of an encoder's features.
+    standardize: bool = True
+    lr: float = bounded(0.1, 0.0, None, lo_open=True)  # not scaled with the batch, as MoCo's main_lincls
     momentum: float = bounded(0.9, 0.0, 1.0)
     weight_decay: float = bounded(0.0, 0.0)
-    milestones: list[int] = bounded([60, 80], 1)  # epochs at which the lr is multiplied by lr_decay
+    schedule: Literal["cosine", "step"] = "cosine"  # per epoch; step: x lr_decay at each of `milestones`
+    milestones: list[int] = bounded([60, 80], 1)  # epochs at which the lr is multiplied by lr_decay (step)
     lr_decay: float = bounded(0.1, 0.0, 1.0, lo_open=True)
     crop_scale_min: float = bounded(0.08, 0.0, 1.0, lo_open=True)  # RandomResizedCrop scale (min, 1)
     # Extract features once with the eval transform (no augmentation) and train on them: much faster, but
@@ -179,7 +186,9 @@ class LinearConfig:
 class ScoresConfig:
     """Pos/neg score statistics (fastft/score_stats.py, docs/design.md section 2); logging only, never the training."""
     enabled: bool = True
-    flush_every: int = bounded(200, 1)  # steps per chunk written to <out_dir>/scores (also flushed at epoch end)
+    # Steps per chunk written to <out_dir>/scores (one column of the density figures; also flushed at each epoch
+    # end). 0 = about 10 chunks per epoch, at most 200 steps each.
+    flush_every: int = bounded(0, 0)
     # Also record the clean q, k against the stored queue, to see what Feature Transformation changes.
     untransformed: bool = True
     # Fixed histogram bins over [lo, hi) (outliers land in the end bins). Scores are q_hat . k_hat and q_hat . n,

@@ -68,10 +68,23 @@ def knn_features(encode: Callable[[torch.Tensor], torch.Tensor], cfg: Config, de
 
 def evaluate_knn(model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
                  pixels: bool = False) -> KnnResult:
-    """Weighted kNN top-1 of a MoCo model's query backbone (or of raw pixels); the model's mode is kept."""
+    """Weighted kNN top-1 of a MoCo model's query backbone (or of the eval-transformed pixels); the model's mode
+    is kept."""
     was_training = model.training
     model.eval()
     try:
         return knn_features((lambda x: x) if pixels else model.encoder_q.backbone, cfg, device, dtype)
     finally:
         model.train(was_training)
+
+
+# knn.pixels / fastft-knn --pixels: kNN on the images themselves, as the eval transform gives them (resized,
+# centre-cropped, ImageNet-normalised): the floor that shows what an encoder adds.
+PIXELS = "pixels (eval transform)"
+
+
+def knn_report(summary: dict, cfg: Config) -> str:
+    """The kNN line of a run's summary: trained vs random init vs pixels, where measured."""
+    names = {"knn_top1": "trained", "knn_init_top1": "random init", "knn_pixels_top1": PIXELS}
+    parts = [f"{name} {summary[key]:.4f}" for key, name in names.items() if summary.get(key) is not None]
+    return f"kNN top-1 on {cfg.data.val_split} (k {cfg.knn.k}, T {cfg.knn.temperature}): " + " | ".join(parts)

@@ -1,6 +1,6 @@
 """`fastft-knn CONFIG [--pretrained CKPT | --random-init | --pixels] [key.sub=value ...]`: the weighted kNN
 monitor (fastft/knn.py) on its own, for a pretraining checkpoint (default: the newest in run.out_dir), the same
-architecture at random initialisation, or raw pixels.
+architecture at random initialisation, or the pixels themselves (after the eval transform).
 """
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import torch
 from . import cli
 from .config import load_config
 from .device import pick_device, pick_precision
-from .knn import knn_features
+from .knn import PIXELS, knn_features
 from .pretrained import pick_backbone
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap, which = cli.encoder_parser("fastft-knn", __doc__, "key.sub=value overrides, e.g. knn.k=20")
-    which.add_argument("--pixels", action="store_true", help="raw pixels (eval transform), no encoder")
+    which.add_argument("--pixels", action="store_true",
+                       help="no encoder: the pixels as the eval transform gives them (resized, centre-cropped, "
+                            "ImageNet-normalised)")
     return ap.parse_intermixed_args(argv)  # options may come before, between or after the overrides
 
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(cfg.run.device)
         dtype = pick_precision(cfg.run.precision, device)
         if args.pixels:
-            encode, what = (lambda x: x), "raw pixels"
+            encode, what = (lambda x: x), PIXELS
         else:
             backbone = pick_backbone(cfg, args.pretrained, args.random_init)
             encode = backbone.module.to(device).eval()

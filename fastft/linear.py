@@ -1,10 +1,13 @@
 """Linear evaluation: `fastft-linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
 
-The MoCo protocol (docs/design.md, section 1): the query backbone is frozen (eval-mode BatchNorm, no gradient), one
-linear layer on its features is trained with SGD (`linear.*`; defaults lr 30, momentum 0.9, wd 0, batch 256,
-100 epochs, lr x0.1 at epochs 60 and 80) on RandomResizedCrop + flip views of the train split, and top-1 /
-top-5 are measured on the val split (Resize / CenterCrop). Without --pretrained the newest checkpoint in
-run.out_dir is probed. --compare-random-init also probes the same architecture at random initialisation.
+The MoCo protocol on standardised features (docs/design.md, section 1): the query backbone is frozen (eval-mode
+BatchNorm, no gradient), its features pass a BatchNorm without affine parameters, and one linear layer is trained
+with SGD (`linear.*`; defaults lr 0.1 with a cosine schedule, momentum 0.9, wd 0, batch 256, 100 epochs) on
+RandomResizedCrop + flip views of the train split; top-1 / top-5 are measured on the val split (Resize /
+CenterCrop), and the final training loss is reported with a warning when it stays near chance. Without
+--pretrained the newest checkpoint in run.out_dir is probed. --compare-random-init also probes the same
+architecture at random initialisation and, on cached features, cross-checks both with an L-BFGS logistic
+regression.
 
 The probe lives in <linear.out_dir, default run.out_dir/linear>/<encoder> (its checkpoints, resumed like
 pretraining, and its own metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear"
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,9 +39,12 @@ from .config import Config, ConfigError, LinearConfig, load_config
 from .data import eval_loader, linear_loader
 from .device import pick_device, pick_precision
 from .distributed import is_main, rank, setup, world_size
+from .knn import knn_report
 from .metrics import MetricsLog, read_metrics
 from .pretrained import Backbone, BackboneInfo, pick_backbone, random_backbone
 from .resumable import ResumableRun, mean_loss
+from .sync_bn import convert_sync_bn
+from .trainer import SUMMARY
 
 RESULT = "result.json"  # the finished probe's numbers, in its folder
 PROBE_KIND = "linear-probe"  # marks probe checkpoints: they hold a classifier, not an encoder
@@ -53,11 +61,55 @@ class ProbeResult:
     top1: float
     top5: float
     n_val: int
+    train_loss: float | None = None  # mean training loss of the last epoch (probes before 0.2 did not keep it)
 
 
 def lr_at_epoch(cfg: LinearConfig, epoch: int) -> float:
-    """MoCo's step schedule: lr times lr_decay for every milestone reached (epochs counted from 0)."""
+    """The lr of `epoch` (counted from 0): cosine from lr to 0 over the epochs, or MoCo's steps (lr times lr_decay
+    for every milestone reached)."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def build_head(width: int, classes: int, standardize: bool) -> nn.Module:
+    """The probe: [BatchNorm without affine parameters, then] one linear layer, MoCo's init (N(0, 0.01), bias 0)."""
+    linear = nn.Linear(width, classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    if not standardize:
+        return linear
+    return nn.Sequential(nn.BatchNorm1d(width, affine=False), linear)
+
+
+def converged(train_loss: float, classes: int) -> bool:
+    """Whether the final training loss is well below chance (ln C, what predicting the class frequencies gives)."""
+    return train_loss < 0.5 * math.log(classes)
+
+
+def logistic_regression(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                        l2: float = 1e-3, max_iter: int = 500) -> tuple[float, float]:
+    """The cross-check of the SGD probe: multinomial logistic regression on standardised features, fitted to
+    convergence by full-batch L-BFGS (no lr, no schedule). Returns (val top-1, final training loss)."""
+    (x, y), (xv, yv) = train, val
+    x, xv = x.double(), xv.double()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, xv = (x - mean) / std, (xv - mean) / std
+    classes = int(max(y.max(), yv.max())) + 1
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (xv @ w + b).argmax(1).eq(yv).double().mean().item(), F.cross_entropy(x @ w + b, y).item()
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -130,10 +182,13 @@ class CachedFeatures:
     def __len__(self) -> int:
         return -(-self.per_rank // self.batch_size)
 
-    def epoch(self, epoch: int) -> Batches:
+    def features(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is None:
             self.cache = self.encoder.features(self.loader)
-        feats, labels = self.cache
+        return self.cache
+
+    def epoch(self, epoch: int) -> Batches:
+        feats, labels = self.features()
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)  # order depends on (seed, epoch) only
         # Interleaved shards (as DistributedSampler's): step i of W ranks covers exactly the images of step i of
         # one process with W times the batch, so the averaged gradient is that process's gradient.
@@ -174,12 +229,12 @@ class LinearProbe(ResumableRun):
             raise ConfigError(f"linear.batch_size = {self.lin.batch_size} is larger than the training images "
                               f"of {cfg.data.path!r} per process: an epoch would be empty")
 
-        # MoCo's main_lincls init: small normal weights, zero bias.
-        self.head = nn.Linear(backbone.width, len(self.train_data.classes)).to(self.device)
-        nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        self.head = build_head(backbone.width, len(self.train_data.classes), self.lin.standardize)
+        if world_size() > 1:  # the standardisation's statistics are those of the global batch
+            self.head = convert_sync_bn(self.head, self.device)
+        self.head = self.head.to(self.device)
         # Under torchrun DDP averages the head's gradients, and its first broadcast makes every rank start from
-        # rank 0's init; `self.head` stays the plain layer that checkpoints hold.
+        # rank 0's init; `self.head` stays the plain module that checkpoints hold.
         self.train_head = self.head if world_size() == 1 else nn.parallel.DistributedDataParallel(
             self.head, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lin.lr, momentum=self.lin.momentum,
@@ -246,7 +301,7 @@ class LinearProbe(ResumableRun):
             res = self.evaluate()
             record.update(top1=res.top1, top5=res.top5)
             if last:
-                self.result = res
+                self.result = dataclasses.replace(res, train_loss=loss)
             # a line per measurement; the progress bar shows the epochs between
             self.say(f"linear epoch {self.epoch}/{self.epochs}  loss {loss:.4f}  lr {self.lr:.4g}  "
                      f"top-1 {res.top1:.4f}  top-5 {res.top5:.4f}")
@@ -254,24 +309,39 @@ class LinearProbe(ResumableRun):
 
     def run(self) -> ProbeResult | None:
         """Train to linear.epochs (or run.epochs_per_job more) and return the final val result (None if stopped)."""
-        self.resume()
-        if is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        if self.result is not None and self.epoch >= self.epochs:  # finished before: report it, in one line
+            self.report(self.result, again=True)
+            return self.result
+        if resumed:
+            self.say(f"linear probe: resumed from {resumed} (epoch {self.epoch}, step {self.step})")
         features = "cached (no augmentation)" if self.lin.cache_features else "augmented"
+        schedule = (f"cosine from lr {self.lin.lr}" if self.lin.schedule == "cosine" else
+                    f"lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones}")
         self.say(f"linear probe: {self.info.describe()} | {len(self.train_data.classes)} classes, "
                  f"{self.steps_per_epoch} steps/epoch, batch {self.lin.batch_size}x{world_size()}, {features} "
-                 f"features, lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones} | {self.out_dir}")
+                 f"features{', standardised' if self.lin.standardize else ''}, {schedule} | {self.out_dir}")
         self.fit()
         if self.result is not None:
             self.report(self.result)
         self.log.close()
         return self.result
 
-    def report(self, res: ProbeResult) -> None:
+    def cached_features(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """(train, val) features of the un-augmented images, each (features, labels): what the probe trained on
+        with linear.cache_features, extracted now if it did not."""
+        train = self.train_data.features() if isinstance(self.train_data, CachedFeatures) else \
+            self.encoder.features(eval_loader(self.cfg, self.cfg.data.train_split, self.device))
+        if self.val_cache is None:
+            self.val_cache = self.encoder.features(self.val)
+        return train, self.val_cache
+
+    def report(self, res: ProbeResult, again: bool = False) -> None:
         record = {"kind": "linear", "step": self.info.step, "epoch": self.info.epoch, "top1": res.top1,
-                  "top5": res.top5, "n_val": res.n_val, "encoder": self.info.kind, "checkpoint": self.info.checkpoint,
-                  "fingerprint": self.info.fingerprint, "probe_dir": str(self.out_dir),
-                  "probe_epochs": self.lin.epochs, "cache_features": self.lin.cache_features}
+                  "top5": res.top5, "n_val": res.n_val, "train_loss": res.train_loss, "encoder": self.info.kind,
+                  "checkpoint": self.info.checkpoint, "fingerprint": self.info.fingerprint,
+                  "probe_dir": str(self.out_dir), "probe_epochs": self.lin.epochs,
+                  "cache_features": self.lin.cache_features}
         self.write_summary(RESULT, record)
         if not is_main():
             return
@@ -283,8 +353,14 @@ class LinearProbe(ResumableRun):
             run_log = MetricsLog(self.run_dir, tensorboard=self.cfg.run.tensorboard)
             run_log.log(record)
             run_log.close()
-        self.say(f"linear probe top-1 {res.top1:.4f}  top-5 {res.top5:.4f} on {self.cfg.data.val_split} "
-                 f"({res.n_val} images) | {self.info.describe()}")
+        loss = "" if res.train_loss is None else f", final training loss {res.train_loss:.4f}"
+        self.say(f"linear probe{' (finished before)' if again else ''} top-1 {res.top1:.4f}  top-5 {res.top5:.4f} "
+                 f"on {self.cfg.data.val_split} ({res.n_val} images){loss} | {self.info.describe()}")
+        classes = len(self.train_data.classes)
+        if res.train_loss is not None and not converged(res.train_loss, classes):
+            self.say(f"linear probe: warning: the probe did not converge (final training loss {res.train_loss:.4f}, "
+                     f"chance is ln {classes} = {math.log(classes):.4f}): its accuracy understates the encoder. Try "
+                     f"linear.standardize=true, a lower linear.lr or more linear.epochs")
 
 
 def probe(cfg: Config, backbone: Backbone) -> ProbeResult | None:
@@ -293,26 +369,30 @@ def probe(cfg: Config, backbone: Backbone) -> ProbeResult | None:
 
 def knn_line(cfg: Config, info: BackboneInfo) -> str | None:
     """The pretraining run's own kNN report, when it describes the probed checkpoint."""
-    path = Path(cfg.run.out_dir) / "summary.json"
+    path = Path(cfg.run.out_dir) / SUMMARY
     if not path.is_file():
         return None
     s = json.loads(path.read_text())
     if s.get("knn_top1") is None or s.get("epoch") != info.epoch:
         return None
-    parts = [f"trained {s['knn_top1']:.4f}", f"random init {s['knn_init_top1']:.4f}"]
-    if s.get("knn_pixels_top1") is not None:
-        parts.append(f"raw pixels {s['knn_pixels_top1']:.4f}")
-    return f"kNN top-1 on {cfg.data.val_split} (k {cfg.knn.k}, T {cfg.knn.temperature}): " + " | ".join(parts)
+    return knn_report(s, cfg)
 
 
-def compare_with_random_init(cfg: Config, info: BackboneInfo, trained: ProbeResult) -> None:
-    """The same probe on the same architecture at random initialisation, printed beside the trained encoder's."""
-    base = probe(cfg, random_backbone(cfg.model, cfg.run.seed))
-    if base is None or not is_main():
+def compare_with_random_init(cfg: Config, info: BackboneInfo, trained: LinearProbe) -> None:
+    """The same probe on the same architecture at random initialisation, printed beside the trained encoder's,
+    with the logistic-regression cross-check on the same cached features (linear.cache_features)."""
+    base = LinearProbe(cfg, random_backbone(cfg.model, cfg.run.seed))
+    if base.run() is None or not is_main():
         return
     what = f"{cfg.linear.epochs} epochs, {'cached' if cfg.linear.cache_features else 'augmented'} features"
-    print(f"linear probe top-1 on {cfg.data.val_split} ({what}): trained {trained.top1:.4f} | "
-          f"random init {base.top1:.4f}")
+    a, b = trained.result, base.result
+    loss = lambda r: "" if r.train_loss is None else f" (training loss {r.train_loss:.3f})"
+    print(f"linear probe top-1 on {cfg.data.val_split} ({what}): trained {a.top1:.4f}{loss(a)} | "
+          f"random init {b.top1:.4f}{loss(b)}")
+    if cfg.linear.cache_features:
+        (ta, _), (tb, _) = (logistic_regression(*p.cached_features()) for p in (trained, base))
+        print(f"cross-check, L-BFGS logistic regression on the same cached features: trained {ta:.4f} | "
+              f"random init {tb:.4f} (gap {100 * (ta - tb):+.1f} points; the probe's: {100 * (a.top1 - b.top1):+.1f})")
     line = knn_line(cfg, info)
     if line:
         print(line)
@@ -334,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--compare-random-init compares a pretrained encoder with random init; "
                               "drop --random-init")
         backbone = pick_backbone(cfg, args.pretrained, args.random_init)
-        res = probe(cfg, backbone)
-        if args.compare_random_init and res is not None:
-            compare_with_random_init(cfg, backbone.info, res)
+        trained = LinearProbe(cfg, backbone)
+        if trained.run() is not None and args.compare_random_init:
+            compare_with_random_init(cfg, backbone.info, trained)
 
     return cli.run("fastft-linear", body)
 

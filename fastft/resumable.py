@@ -90,23 +90,23 @@ class ResumableRun:
         self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
         self.log.truncate_after(self.step)
 
-    def resume(self) -> None:
+    def resume(self) -> Path | None:
         """auto: the newest checkpoint that loads (picked on rank 0 for every rank); none: start afresh (earlier
-        checkpoints set aside, never deleted); or the path of a checkpoint. See `_pick` for files that do not load."""
+        checkpoints set aside, never deleted); or the path of a checkpoint. See `_pick` for files that do not load.
+        Returns the checkpoint resumed from (None: a fresh start). Nothing is written before this decision."""
         if self.resume_mode not in ("auto", "none"):
             path = Path(self.resume_mode)
             self.load(ckpt_io.load(path), path)
-            self.say(f"{self.name}: resumed from {path} (epoch {self.epoch}, step {self.step})")
-            return
+            return path
         found, refusal = self._pick() if is_main() else (None, None)
         chosen, refusal = broadcast_object((str(found[0]) if found else None, refusal))
         if refusal is not None:
             raise ckpt_io.CheckpointError(refusal)
         if chosen is None:
-            return
+            return None
         path = Path(chosen)
         self.load(found[1] if found else ckpt_io.load(path), path)
-        self.say(f"{self.name}: resumed from {path} (epoch {self.epoch}, step {self.step})")
+        return path
 
     def _pick(self) -> tuple[tuple[Path, dict] | None, str | None]:
         """Rank 0's choice: (the checkpoint to resume from, or None; the reason to stop instead, or None).

@@ -197,14 +197,15 @@ class ScoreRecorder:
     """
 
     def __init__(self, cfg: ScoresConfig, temperature: float, device: torch.device,
-                 store: ScoreStore | None = None, metrics: MetricsLog | None = None):
+                 store: ScoreStore | None = None, metrics: MetricsLog | None = None, flush_every: int | None = None):
+        """`flush_every`: steps per chunk, in place of cfg.flush_every (the trainer resolves its 0 = auto)."""
         self.cfg = cfg
         self.temperature = temperature
         self.pos_bins, self.neg_bins = bins_from_config(cfg)
         self.features = FEATURES if cfg.untransformed else FEATURES[:1]
         self.store = store
         self.metrics = metrics
-        self.capacity = cfg.flush_every
+        self.capacity = flush_every or cfg.flush_every or 200
         self.means = torch.zeros(self.capacity, len(self.features), len(SERIES), device=device)
         self.hists = torch.zeros(len(self.features), 2, cfg.bins, dtype=torch.int64, device=device)
         self.rows = 0  # steps observed in the current chunk (a host counter: no sync)

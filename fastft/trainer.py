@@ -25,7 +25,7 @@ from .config import Config, ConfigError
 from .data import pretrain_loader
 from .device import pick_device, pick_precision
 from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, rank, setup, world_size
-from .knn import evaluate_knn
+from .knn import evaluate_knn, knn_report
 from .loss import queue_dtype, select_loss
 from .metrics import read_metrics
 from .moco import MoCo
@@ -70,6 +70,7 @@ class Trainer(ResumableRun):
         self.knn_init: float | None = None
         self.knn_pixels: float | None = None
         self.knn_last: float | None = None
+        self.resumed_epochs = cfg.optim.epochs  # optim.epochs of the checkpoint resumed from (it may be extended)
 
     # -- construction -----------------------------------------------------------------------------------------
     def epoch_length(self, loader) -> int:
@@ -112,8 +113,9 @@ class Trainer(ResumableRun):
         """Pos/neg score statistics, on the device every step (fastft/score_stats.py)."""
         if not self.cfg.scores.enabled:
             return None
+        every = self.cfg.scores.flush_every or min(200, -(-self.steps_per_epoch // 10))  # 0: ~10 chunks an epoch
         return ScoreRecorder(self.cfg.scores, self.cfg.model.temperature, self.device,
-                             ScoreStore(self.out_dir) if is_main() else None, self.log)
+                             ScoreStore(self.out_dir) if is_main() else None, self.log, flush_every=every)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -122,11 +124,17 @@ class Trainer(ResumableRun):
                 "knn_init": self.knn_init, "knn_pixels": self.knn_pixels}
 
     def restore(self, ckpt: dict, path: Path) -> None:
-        ckpt_io.check_compatible(ckpt["config"], self.cfg.to_dict(), path, defaults=Config().to_dict())
+        ckpt_io.check_compatible(ckpt["config"], self.cfg.to_dict(), path, defaults=Config().to_dict(),
+                                 free_keys=ckpt_io.RESUME_FREE_KEYS | ckpt_io.RESUME_EXTENDABLE_KEYS)
+        if ckpt["epoch"] > self.epochs:
+            raise ckpt_io.CheckpointError(f"checkpoint {path} has trained {ckpt['epoch']} epochs, more than "
+                                          f"optim.epochs = {self.epochs}: pass optim.epochs >= {ckpt['epoch']} to "
+                                          f"continue it, or another run.out_dir")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.knn_init, self.knn_pixels = ckpt["knn_init"], ckpt["knn_pixels"]
+        self.resumed_epochs = ckpt["config"]["optim"]["epochs"]
 
     def rng_extra(self) -> dict:
         return {"ft": self.model.ft.state()}
@@ -208,7 +216,19 @@ class Trainer(ResumableRun):
 
     def run(self) -> dict:
         cfg = self.cfg
-        self.resume()
+        resumed = self.resume()
+        if resumed and self.epoch >= self.epochs:  # finished before: its report, in one line
+            summary = self.summary()
+            self.write_summary(SUMMARY, summary)
+            self.say(f"fastft: {self.out_dir} finished before ({self.epoch}/{self.epochs} epochs)"
+                     + (f"; {self.knn_text(summary)}" if summary["knn_top1"] is not None else "")
+                     + f"; see {self.out_dir / SUMMARY}")
+            return summary
+        if resumed:
+            before = self.resumed_epochs
+            self.say(f"fastft: resumed from {resumed} (epoch {self.epoch}, step {self.step})"
+                     + (f"; optim.epochs {before} -> {self.epochs}: the lr follows the schedule of the new length"
+                        if before != self.epochs else ""))
         self.prepare()
         if self.step == 0 and cfg.knn.every > 0:
             self.knn_init = self.knn()
@@ -223,7 +243,8 @@ class Trainer(ResumableRun):
         summary = self.summary()
         if self.epoch == self.epochs:
             self.write_summary(SUMMARY, summary)
-            self.report(summary)
+            if summary["knn_top1"] is not None:
+                self.say(self.knn_text(summary))
         self.log.close()
         return summary
 
@@ -238,14 +259,8 @@ class Trainer(ResumableRun):
         return {"epoch": self.epoch, "step": self.step, "loss_history": self.history, "knn_top1": knn_last,
                 "knn_init_top1": self.knn_init, "knn_pixels_top1": self.knn_pixels}
 
-    def report(self, summary: dict) -> None:
-        if summary["knn_top1"] is None:
-            return
-        parts = [f"trained {summary['knn_top1']:.4f}", f"random init {summary['knn_init_top1']:.4f}"]
-        if summary["knn_pixels_top1"] is not None:
-            parts.append(f"raw pixels {summary['knn_pixels_top1']:.4f}")
-        self.say(f"kNN top-1 on {self.cfg.data.val_split} (k {self.cfg.knn.k}, T {self.cfg.knn.temperature}): "
-                 + " | ".join(parts))
+    def knn_text(self, summary: dict) -> str:
+        return knn_report(summary, self.cfg)
 
 
 def train(cfg: Config) -> dict:

@@ -199,6 +199,9 @@ def test_resume_keeps_scores_exact_and_drops_chunks_past_the_checkpoint(tmp_path
     extra = {"scores.flush_every": 2}
     straight = run(tmp_path, "a", data_cache, **extra)
     run(tmp_path, "b", data_cache, **extra, **{"run.epochs_per_job": 1})
+    # Other bins on resume would mix two binnings in one run: refused, naming both.
+    with pytest.raises(ConfigError, match=r"binned as pos \[-4, 1\) in 240 bins.*this run bins them as pos \[-4, 1\) in 100"):
+        train(load_config(None, tiny_overrides(tmp_path / "b", data_cache, **{**extra, "scores.bins": 100})))
     folder = tmp_path / "b" / "scores"
     # As if the job had been killed in epoch 2 after a flush: a chunk (and an orphan) past the checkpoint.
     index = json.loads((folder / "index.json").read_text())
@@ -214,9 +217,6 @@ def test_resume_keeps_scores_exact_and_drops_chunks_past_the_checkpoint(tmp_path
         np.testing.assert_array_equal(resumed.series[key], straight.series[key])
     for key in straight.hists:
         np.testing.assert_array_equal(resumed.hists[key], straight.hists[key])
-    # Other bins on resume would mix two binnings in one run: refused, naming both.
-    with pytest.raises(ConfigError, match=r"binned as pos \[-4, 1\) in 240 bins.*this run bins them as pos \[-4, 1\) in 100"):
-        train(load_config(None, tiny_overrides(tmp_path / "b", data_cache, **{"scores.bins": 100})))
 
 
 def test_bad_bins_are_a_config_error():
@@ -251,3 +251,12 @@ def test_flush_logs_interval_means_and_tensorboard_histograms(tmp_path):
     assert neg.step == 2 and neg.histogram_value.num == 2 * 12 * 50
     assert sum(neg.histogram_value.bucket) == 2 * 12 * 50
     assert "scores/pos_mean" in acc.Tags()["scalars"]
+
+
+def test_chunks_scale_with_the_epoch_length_by_default(tmp_path, data_cache):
+    """scores.flush_every 0: about 10 chunks per epoch (here 3 steps per epoch: a chunk per step), at most 200."""
+    got = run(tmp_path, "auto", data_cache)
+    assert got.chunk_last.tolist() == [1, 2, 3, 4, 5, 6]
+    from fastft.trainer import Trainer
+    trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "long", data_cache, **{"run.steps_per_epoch": 0})))
+    assert trainer.steps_per_epoch == 89 and trainer.scores.capacity == 9  # 1,437 images / 16 = 89 steps

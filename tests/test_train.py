@@ -123,7 +123,7 @@ def test_knn_monitor_and_cli_report(tmp_path, data_cache, capsys):
     assert 0 < knn[1]["knn_top1"] <= 1
     captured = capsys.readouterr()
     err = captured.out + captured.err
-    assert "trained" in err and "random init" in err and "raw pixels" in err
+    assert "trained" in err and "random init" in err and "pixels (eval transform)" in err
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
@@ -203,3 +203,48 @@ def test_starting_afresh_sets_an_earlier_runs_checkpoints_aside(tmp_path, data_c
         train(cfg_for(out, data_cache, **{"run.resume": "none", "run.keep_ckpts": 1}))
     assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["epoch_0002.pt"]
     assert [p.name for p in (out / "checkpoints" / "earlier").iterdir()] == ["epoch_0003.pt"]
+
+
+def test_evaluation_keys_may_change_on_resume(tmp_path, data_cache):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1, "knn.every": 0}))
+    resumed = train(cfg_for(out, data_cache, **{"knn.every": 1, "knn.k": 20, "scores.untransformed": False}))
+    assert resumed["epoch"] == 2 and resumed["knn_top1"] is not None  # measured at the end, with k 20
+
+
+def test_extending_optim_epochs_continues_on_the_schedule_of_the_new_length(tmp_path, data_cache):
+    from fastft.schedule import base_lr, lr_at
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    train(cfg_for(short, data_cache))  # 2 epochs of 3 steps, finished
+    extended = train(cfg_for(short, data_cache, **{"optim.epochs": 3}))
+    assert extended["epoch"] == 3 and len(extended["loss_history"]) == 3
+    lrs = {r["step"]: r["lr"] for r in read_metrics(short) if r["kind"] == "train"}
+    cfg = cfg_for(long, data_cache, **{"optim.epochs": 3})
+    peak = base_lr(cfg.optim, cfg.loader.batch_size)
+    # Steps 1-6 ran on the 2-epoch cosine; from step 7 on, the lr is the 3-epoch run's (it rises at the resume).
+    assert lrs[6] == pytest.approx(lr_at(5, 6, 0, peak)) and lrs[7] == pytest.approx(lr_at(6, 9, 0, peak))
+    assert lrs[7] > lrs[6]
+    with pytest.raises(ckpt_io.CheckpointError, match=r"has trained 3 epochs, more than optim.epochs = 2"):
+        train(cfg_for(short, data_cache, **{"optim.epochs": 2}))
+
+
+def test_a_refused_resume_leaves_the_run_folder_unchanged(tmp_path, data_cache, capsys):
+    out = tmp_path / "run"
+    train(cfg_for(out, data_cache, **{"run.epochs_per_job": 1}))
+    snapshot = lambda: {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    before = snapshot()
+    assert main(["configs/demo.yaml", *tiny_overrides(out, data_cache, **{"model.momentum": 0.5})]) == 2
+    assert "model.momentum: checkpoint 0.9 vs config 0.5" in capsys.readouterr().err
+    assert snapshot() == before
+
+
+def test_starting_a_finished_run_prints_one_line(tmp_path, data_cache, capsys):
+    out = tmp_path / "run"
+    argv = ["configs/demo.yaml", *tiny_overrides(out, data_cache, **{"optim.epochs": 1})]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and "finished before (1/1 epochs)" in lines[0], lines

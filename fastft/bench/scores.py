@@ -41,7 +41,7 @@ def logging_cost(trainer: Trainer, held: HeldBatches) -> dict:
     with torch.no_grad():
         out = model(v1, v2, trainer.epoch, trainer.stats_bins)
     rec.flush()  # an empty chunk: the commits below never fill it
-    reps = max(1, min(50, trainer.cfg.scores.flush_every - 1))
+    reps = max(1, min(50, rec.capacity - 1))  # capacity: the resolved scores.flush_every
     sync()
     t0 = time.perf_counter()
     for i in range(reps):
@@ -52,7 +52,7 @@ def logging_cost(trainer: Trainer, held: HeldBatches) -> dict:
     rec.flush()
     t2 = time.perf_counter()
     return {"observe_ms": 1000 * (t1 - t0) / reps, "flush_ms": 1000 * (t2 - t1),
-            "flush_per_step_ms": 1000 * (t2 - t1) / trainer.cfg.scores.flush_every}
+            "flush_per_step_ms": 1000 * (t2 - t1) / rec.capacity}
 
 
 def bench_scores(cfg: Config, device: torch.device, s: Settings) -> dict:
@@ -75,4 +75,4 @@ def bench_scores(cfg: Config, device: torch.device, s: Settings) -> dict:
         for t in trainers.values():
             t.log.close()
     return {"batches": len(held.batches), "warmup": s.warmup, "steps": s.steps,
-            "flush_every": cfg.scores.flush_every, "variants": variants}
+            "flush_every": trainers["on"].scores.capacity, "variants": variants}
