@@ -94,8 +94,9 @@ class FTConfig:
     alpha_pos: float = bounded(2.0, 0.0, None, lo_open=True)
     alpha_neg: float = bounded(1.6, 0.0, None, lo_open=True)
     dist: Literal["beta", "uniform"] = "beta"
-    # none: one scalar lambda per step (the authors' default); elementwise: one per feature element.
-    dim_mask: Literal["none", "elementwise"] = "none"
+    # Which lambdas are drawn per feature element instead of one scalar per step, as the authors' --dim_mask:
+    # none (their default), pos ([N, C] for the positives), neg ([K, C] for the negatives) or both.
+    dim_mask: Literal["none", "pos", "neg", "both"] = "none"
     postmix_norm: bool = False
     start_epoch: int = bounded(0, 0)
     # Draw the same scalar lambdas and permutation on every rank (default: each rank its own, as the authors).
@@ -114,6 +115,9 @@ class LossConfig:
     # Storage of the MoCo queue. bf16/fp16 halve the bytes the loss reads per step (the keys are rounded once,
     # when enqueued); the Triton kernel then multiplies in that precision, accumulating in fp32.
     queue_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # The fused kernel on CUDA: fp32 queues multiply on TF32 tensor cores (true, fast) or in full fp32 (false, as
+    # the authors' torch code). The torch loss follows torch.backends.cuda.matmul.allow_tf32 (off by default).
+    tf32: bool = True
 
 
 @dataclass
@@ -124,7 +128,9 @@ class OptimConfig:
     momentum: float = bounded(0.9, 0.0, 1.0)
     weight_decay: float = bounded(1e-4, 0.0)
     warmup_epochs: float = bounded(0.0, 0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine: per step (fastft); cosine_epoch: per epoch, as the authors' code (fastft/schedule.py); constant.
+    schedule: Literal["cosine", "cosine_epoch", "constant"] = "cosine"
+    lr_floor: float = bounded(0.0, 0.0, 1.0)  # where the cosine ends, as a fraction of the lr (authors: 0.001)
 
 
 @dataclass

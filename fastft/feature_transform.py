@@ -112,14 +112,14 @@ class FeatureTransform:
         if not self.enabled(epoch):
             return out
         c, kq = queue.shape[1], queue.shape[0]
-        elementwise = self.cfg.dim_mask == "elementwise"
+        per_element = {"pos": ("pos", "both"), "neg": ("neg", "both")}
         if self.cfg.pos != "none":
-            lam = sample_lambda(self.cfg.dist, self.cfg.alpha_pos, (n, c) if elementwise else (), queue.device,
-                                self.rng)
+            shape = (n, c) if self.cfg.dim_mask in per_element["pos"] else ()
+            lam = sample_lambda(self.cfg.dist, self.cfg.alpha_pos, shape, queue.device, self.rng)
             out.lam_p = 1 + lam if self.cfg.pos == "extrapolate" else lam
         if self.cfg.neg != "none":
-            lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, (kq, c) if elementwise else (), queue.device,
-                                  self.rng)
+            shape = (kq, c) if self.cfg.dim_mask in per_element["neg"] else ()
+            lam_n = sample_lambda(self.cfg.dist, self.cfg.alpha_neg, shape, queue.device, self.rng)
             perm = torch.randperm(kq, device=queue.device, generator=self.perm_generator(queue.device))
             out.mix = NegativeMix(lam_n, perm)
         return out

@@ -351,7 +351,7 @@ class LinearProbe(ResumableRun):
         if not any(same(r) for r in read_metrics(self.run_dir)):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             run_log = MetricsLog(self.run_dir, tensorboard=self.cfg.run.tensorboard)
-            run_log.log(record)
+            run_log.log(record, tb_prefix=f"linear_{self.info.kind}")  # one tag per encoder kind
             run_log.close()
         loss = "" if res.train_loss is None else f", final training loss {res.train_loss:.4f}"
         self.say(f"linear probe{' (finished before)' if again else ''} top-1 {res.top1:.4f}  top-5 {res.top5:.4f} "

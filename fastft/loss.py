@@ -8,7 +8,7 @@ One interface, two implementations, chosen by `loss.kernel`:
     triton  TritonInfoNCE: kernels.infonce_triton, fused: no N x K logits, the mix formed in registers, the
             gradient accumulated during forward (the queue is not read again). Needs CUDA, or the Triton
             interpreter on the CPU (TRITON_INTERPRET=1 set before Python starts; slow, for tests). A per-element
-            lam_n (`ft.dim_mask: elementwise`) is not fused: it runs the torch loss.
+            lam_n (`ft.dim_mask: neg | both`) is not fused: it runs the torch loss.
     auto    triton on CUDA, torch elsewhere (and torch when triton cannot be imported).
 
 Both are modules called as loss(q_hat, k_hat, queue, T, mix, stats_bins) and return a `LossOutput`: the loss,
@@ -63,13 +63,17 @@ class TorchInfoNCE(nn.Module):
 
 
 class TritonInfoNCE(nn.Module):
-    """The fused Triton kernel (kernels/infonce_triton.py); per-element mixes go to the torch loss."""
+    """The fused Triton kernel (kernels/infonce_triton.py); per-element mixes go to the torch loss.
+
+    `tf32` (loss.tf32): fp32 queues multiply on TF32 tensor cores (fast); False: full fp32 dot products, as the
+    authors' torch code computes them (16-bit queues multiply in 16 bit either way)."""
 
     fused = True
 
-    def __init__(self):
+    def __init__(self, tf32: bool = True):
         super().__init__()
         self.unfused = TorchInfoNCE()
+        self.input_precision = "tf32" if tf32 else "ieee"
 
     def forward(self, q_hat: torch.Tensor, k_hat: torch.Tensor, queue: torch.Tensor, temperature: float,
                 mix: NegativeMix | None = None, stats_bins: Bins | None = None) -> LossOutput:
@@ -78,7 +82,8 @@ class TritonInfoNCE(nn.Module):
         from fastft.kernels.infonce_triton import info_nce_loss_triton
 
         lam, perm = (mix.lam, mix.perm) if mix is not None else (None, None)
-        loss, neg = info_nce_loss_triton(q_hat, k_hat, queue, temperature, lam, perm, stats_bins=stats_bins)
+        loss, neg = info_nce_loss_triton(q_hat, k_hat, queue, temperature, lam, perm, stats_bins=stats_bins,
+                                         input_precision=self.input_precision)
         with torch.no_grad():
             pos = (q_hat.float() * k_hat.float()).sum(1)
         return LossOutput(loss, pos, neg)
@@ -93,8 +98,9 @@ def _triton_module():
     return infonce_triton, ""
 
 
-def select_loss(kernel: str, device: torch.device) -> nn.Module:
-    """auto: the fastest implementation available on `device`; torch: the pure-torch reference; triton: fused."""
+def select_loss(kernel: str, device: torch.device, tf32: bool = True) -> nn.Module:
+    """auto: the fastest implementation available on `device`; torch: the pure-torch reference; triton: fused
+    (`tf32`: see TritonInfoNCE)."""
     if kernel not in ("auto", "torch", "triton"):
         raise ConfigError(f"loss.kernel = {kernel!r}: valid choices are 'auto', 'torch', 'triton'")
     if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
@@ -105,7 +111,7 @@ def select_loss(kernel: str, device: torch.device) -> nn.Module:
             why = "runs in interpreter mode (TRITON_INTERPRET=1)" if mod else f"failed to import: {why}"
             warnings.warn(f"loss.kernel = 'auto' on CUDA uses the torch reference: Triton {why}")
             return TorchInfoNCE()
-        return TritonInfoNCE()
+        return TritonInfoNCE(tf32)
     if mod is None:
         raise ConfigError(f"loss.kernel = 'triton' but the Triton kernels cannot be imported ({why}); "
                           "use loss.kernel: torch")
@@ -115,4 +121,4 @@ def select_loss(kernel: str, device: torch.device) -> nn.Module:
                           "slow, meant for tests). Use loss.kernel: auto or torch")
     if device.type == "cuda" and mod.INTERPRETED:
         warnings.warn("loss.kernel = 'triton' with TRITON_INTERPRET=1: the kernels run interpreted (slow)")
-    return TritonInfoNCE()
+    return TritonInfoNCE(tf32)

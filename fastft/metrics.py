@@ -28,18 +28,18 @@ class MetricsLog:
             self._tb = SummaryWriter(str(self.out_dir / "tb"))
         return self._tb
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Append `record` (must hold `step`); numbers also go to TensorBoard as `<kind>/<key>`."""
+    def log(self, record: dict[str, Any], tb_prefix: str | None = None) -> None:
+        """Append `record` (must hold `step`); numbers also go to TensorBoard as `<tb_prefix or kind>/<key>`."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard:
-            kind = record.get("kind", "train")
+            prefix = tb_prefix or record.get("kind", "train")
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
 
     def histogram(self, tag: str, edges: Sequence[float], counts: Sequence[int], step: int) -> None:
         """A histogram already binned elsewhere (e.g. on the device) to TensorBoard; len(edges) = len(counts) + 1.

@@ -3,7 +3,7 @@
 For sample i of a step, on the features the loss used (after Feature Transformation), with the scores
 s_ij = q_hat_i . n_j (NOT divided by T) against its K negatives n_j and p_i = q_hat_i . k_hat_i:
 
-    neg mean_i = mean_j s_ij          neg var_i = mean_j s_ij^2 - (neg mean_i)^2     (population variance)
+    neg mean_i = mean_j s_ij          neg var_i = sum_j (s_ij - neg mean_i)^2 / (K - 1)   (unbiased, as torch.var)
     exp neg_i  = mean_j exp(s_ij / T) exp pos_i = exp(p_i / T)                        pos_i = p_i
 
 (the authors' five numbers). Every step stores the batch mean of each (plus of p_i^2 and mean_j s_ij^2, for
@@ -93,7 +93,8 @@ def batch_means(pos: torch.Tensor, neg: NegStats, num_neg: int, temperature: flo
     pos = pos.float()
     mean = neg.sum / num_neg
     sq = neg.sumsq / num_neg
-    var = (sq - mean * mean).clamp_min(0)  # E[s^2] - E[s]^2 can dip below 0 by rounding
+    # Unbiased, as the authors' torch.var: (E[s^2] - E[s]^2) K / (K - 1); the difference can dip below 0 by rounding.
+    var = (sq - mean * mean).clamp_min(0) * (num_neg / max(1, num_neg - 1))
     return torch.stack([pos.mean(), (pos * pos).mean(), mean.mean(), sq.mean(), var.mean(),
                         (neg.sumexp / num_neg).mean(), (pos / temperature).exp().mean()])
 

@@ -85,7 +85,8 @@ class Trainer(ResumableRun):
 
     def create_model(self) -> MoCo:
         cfg = self.cfg
-        model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device), queue_dtype(cfg.loss.queue_dtype),
+        model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device, cfg.loss.tf32),
+                     queue_dtype(cfg.loss.queue_dtype),
                      ft_seed=cfg.run.seed, ft_stream=0 if cfg.ft.share_lambdas else rank())
         if cfg.model.key_bn == "sync":
             convert_sync_bn(model, self.device)
@@ -144,7 +145,9 @@ class Trainer(ResumableRun):
 
     # -- the step ---------------------------------------------------------------------------------------------
     def set_lr(self) -> float:
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.schedule)
+        o = self.cfg.optim
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr, o.schedule, o.lr_floor,
+                   self.steps_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -234,7 +237,9 @@ class Trainer(ResumableRun):
             self.knn_init = self.knn()
             if cfg.knn.pixels:
                 self.knn_pixels = self.knn(pixels=True)
-            self.log.log({"kind": "knn", "step": 0, "epoch": 0, "top1": self.knn_init, "pixels_top1": self.knn_pixels})
+            # Named for what was measured: at step 0 the encoder is at random initialisation.
+            self.log.log({"kind": "knn", "step": 0, "epoch": 0, "random_init_top1": self.knn_init,
+                          "pixels_top1": self.knn_pixels})
         self.say(f"fastft: {cfg.model.arch} MoCo ({cfg.model.head} head, T {cfg.model.temperature}) "
                  f"FT pos={cfg.ft.pos} neg={cfg.ft.neg} | {len(self.loader.dataset)} images, "
                  f"{self.steps_per_epoch} steps/epoch, batch {cfg.loader.batch_size}x{world_size()}, "

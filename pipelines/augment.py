@@ -1,6 +1,6 @@
 """The MoCo augmentation recipes as data, so every loader backend reads the same spec and none can drift.
 
-MoCo v1 ("A"): RandomResizedCrop(scale 0.2-1), RandomGrayscale 0.2, ColorJitter(0.4, 0.4, 0.4, 0.4), flip.
+MoCo v1 ("A"): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale 0.2, flip.
 MoCo v2 ("B", aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
 RandomGrayscale 0.2, GaussianBlur sigma 0.1-2 p 0.5, flip. The order of the steps is the order applied.
 """
@@ -27,10 +27,10 @@ FLIP = Step("horizontal_flip", p=0.5)
 GRAY = Step("grayscale", p=0.2)
 
 AUG_SPECS: dict[str, tuple[Step, ...]] = {
-    "mocov1": (
+    "mocov1": (  # the authors' "A" (dataset/util.py): jitter, then grayscale (the two do not commute)
         CROP,
-        GRAY,
         Step("color_jitter", params={"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.4}),
+        GRAY,
         FLIP,
     ),
     "mocov2": (

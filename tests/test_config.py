@@ -124,7 +124,7 @@ def test_malformed_override(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo", "in100", "in1k", "ablations/mocov2", "ablations/pos", "ablations/neg",
-                                  "ablations/both"])
+                                  "ablations/both", "ablations/pos_elementwise", "ablations/neg_elementwise"])
 def test_shipped_configs_load(name):
     from pathlib import Path
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
@@ -137,8 +137,54 @@ def test_shipped_configs_match_the_paper():
     in1k, in100 = load_config(root / "in1k.yaml"), load_config(root / "in100.yaml")
     assert (in1k.model.arch, in1k.model.head, in1k.model.temperature, in1k.optim.epochs) == ("resnet50", "mlp", 0.2, 200)
     assert (in1k.ft.pos, in1k.ft.neg) == ("extrapolate", "interpolate")
-    assert (in100.model.head, in100.model.temperature, in100.model.momentum) == ("linear", 0.07, 0.99)
     assert len([c for c in (root / "imagenet100.txt").read_text().split() if c]) == 100
     variants = {n: load_config(root / "ablations" / f"{n}.yaml").ft for n in ("mocov2", "pos", "neg", "both")}
     assert [(v.pos, v.neg) for v in variants.values()] == [
         ("none", "none"), ("extrapolate", "none"), ("none", "interpolate"), ("extrapolate", "interpolate")]
+
+
+def test_the_in1k_and_in100_configs_are_the_authors_commands():
+    """configs/in1k.yaml and in100.yaml against the values their headers cite (the authors' README commands and
+    option defaults at commit c53d1be)."""
+    from pathlib import Path
+    root = Path(__file__).parent.parent / "configs"
+    for name, momentum, probe_epochs in (("in1k", 0.999, 100), ("in100", 0.99, 60)):
+        c = load_config(root / f"{name}.yaml")
+        assert (c.loader.aug, c.model.head, c.model.temperature, c.model.dim, c.model.queue_size) == \
+            ("mocov2", "mlp", 0.2, 128, 65536), name
+        assert c.model.momentum == momentum and c.loader.batch_size * 8 == 256 and c.optim.lr == 0.03
+        assert (c.optim.epochs, c.optim.weight_decay, c.optim.momentum) == (200, 1e-4, 0.9)
+        assert (c.optim.schedule, c.optim.lr_floor, c.optim.warmup_epochs) == ("cosine_epoch", 0.001, 0.0)
+        assert (c.ft.alpha_pos, c.ft.alpha_neg, c.ft.dist, c.ft.dim_mask, c.ft.postmix_norm) == \
+            (2.0, 1.6, "beta", "none", False)
+        lin = c.linear
+        assert (lin.standardize, lin.lr, lin.schedule, lin.milestones, lin.weight_decay, lin.crop_scale_min) == \
+            (False, 30.0, "step", [60, 80], 0.0, 0.2)
+        assert lin.epochs == probe_epochs
+    assert load_config(root / "in100.yaml").data.class_list == "imagenet100.txt"
+
+
+def test_the_per_epoch_schedule_is_the_authors_formula():
+    """learning/base_trainer.py:67-80: eta_min = lr * 0.1**3; lr_e = eta_min + (lr - eta_min)(1 + cos(pi e / E)) / 2,
+    set at the start of epoch e = 1..E."""
+    import math
+    from fastft.schedule import lr_at
+    lr, epochs, per_epoch = 0.03, 200, 7
+    eta_min = lr * 0.1 ** 3
+    for e in (1, 2, 100, 199, 200):
+        want = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
+        for step in ((e - 1) * per_epoch, e * per_epoch - 1):  # the first and the last step of epoch e
+            assert lr_at(step, epochs * per_epoch, 0, lr, "cosine_epoch", 0.001, per_epoch) == pytest.approx(want)
+    # fastft's per-step cosine is unchanged: to 0 (or the floor) at the last step.
+    assert lr_at(0, 100, 0, 1.0) == 1.0 and lr_at(100, 100, 0, 1.0) == pytest.approx(0.0)
+    assert lr_at(100, 100, 0, 1.0, "cosine", 0.001) == pytest.approx(0.001)
+
+
+def test_the_one_sided_variants_are_the_authors():
+    """memory/mem_moco.py:168-182 and 221-232 (--mixnorm_target pos / neg): per-element Beta(beta_alpha = 2.0)
+    masks on the positives only (extrapolated) or on the queue only."""
+    from pathlib import Path
+    root = Path(__file__).parent.parent / "configs" / "ablations"
+    pos, neg = (load_config(root / f"{n}_elementwise.yaml").ft for n in ("pos", "neg"))
+    assert (pos.pos, pos.neg, pos.dim_mask, pos.alpha_pos, pos.dist) == ("extrapolate", "none", "pos", 2.0, "beta")
+    assert (neg.pos, neg.neg, neg.dim_mask, neg.alpha_neg, neg.dist) == ("none", "interpolate", "neg", 2.0, "beta")

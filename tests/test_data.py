@@ -160,9 +160,10 @@ def test_color_ops_has_one_vocabulary_and_old_values_are_refused(tmp_path, data_
 
 def test_aug_specs_are_the_moco_recipes():
     v1, v2 = AUG_SPECS["mocov1"], AUG_SPECS["mocov2"]
-    assert [s.name for s in v1] == ["random_resized_crop", "grayscale", "color_jitter", "horizontal_flip"]
+    # The authors' order (their "A"): jitter before grayscale, which does not commute with it.
+    assert [s.name for s in v1] == ["random_resized_crop", "color_jitter", "grayscale", "horizontal_flip"]
     assert [s.name for s in v2] == ["random_resized_crop", "color_jitter", "grayscale", "gaussian_blur",
                                     "horizontal_flip"]
     assert v2[0].params["scale"] == (0.2, 1.0) and v2[1].p == 0.8 and v2[1].params["hue"] == 0.1
-    assert v1[2].p == 1.0 and v1[2].params["hue"] == 0.4 and v2[3].p == 0.5 and v2[3].params["sigma"] == (0.1, 2.0)
+    assert v1[1].p == 1.0 and v1[1].params["hue"] == 0.4 and v1[2].p == 0.2 and v2[3].p == 0.5 and v2[3].params["sigma"] == (0.1, 2.0)
     assert blur_kernel_size(224) == 23 and blur_kernel_size(16) == 3

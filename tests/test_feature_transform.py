@@ -170,11 +170,16 @@ def test_draws_follow_the_configured_distributions():
     assert 0 <= inter.lam_p <= 1 and inter.mix is None
 
 
-def test_elementwise_masks_and_start_epoch():
+def test_per_element_masks_and_start_epoch():
     queue = torch.randn(11, 6)
-    d = FeatureTransform(FTConfig(dim_mask="elementwise")).draw(4, queue, epoch=0)
+    d = FeatureTransform(FTConfig(dim_mask="both")).draw(4, queue, epoch=0)
     assert d.lam_p.shape == (4, 6) and d.mix.lam.shape == (11, 6) and not d.mix.scalar
     assert ((d.lam_p >= 1) & (d.lam_p <= 2)).all()
+    # The authors' one-sided variants (--dim_mask pos / neg): per element on one side, a scalar on the other.
+    pos_only = FeatureTransform(FTConfig(dim_mask="pos")).draw(4, queue, epoch=0)
+    assert pos_only.lam_p.shape == (4, 6) and isinstance(pos_only.mix.lam, float) and pos_only.mix.scalar
+    neg_only = FeatureTransform(FTConfig(dim_mask="neg")).draw(4, queue, epoch=0)
+    assert isinstance(neg_only.lam_p, float) and neg_only.mix.lam.shape == (11, 6)
     late = FeatureTransform(FTConfig(start_epoch=3))
     assert late.draw(4, queue, epoch=2).lam_p is None and late.draw(4, queue, epoch=3).lam_p is not None
 

@@ -29,9 +29,10 @@ def np_hist(x: np.ndarray, lo: float, hi: float, n: int) -> np.ndarray:
 
 
 def np_expected(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
-    """The authors' five numbers per sample (plus the two squares), averaged over the batch, in float64."""
+    """The authors' five numbers per sample (plus the two squares), averaged over the batch, in float64 (the
+    variance unbiased, as their torch.var)."""
     return {"pos_mean": pos.mean(), "pos_sq_mean": (pos ** 2).mean(), "neg_mean": neg.mean(1).mean(),
-            "neg_sq_mean": (neg ** 2).mean(1).mean(), "neg_var": neg.var(1).mean(),
+            "neg_sq_mean": (neg ** 2).mean(1).mean(), "neg_var": neg.var(1, ddof=1).mean(),
             "exp_neg_mean": np.exp(neg / T).mean(1).mean(), "exp_pos_mean": np.exp(pos / T).mean()}
 
 
@@ -260,3 +261,13 @@ def test_chunks_scale_with_the_epoch_length_by_default(tmp_path, data_cache):
     from fastft.trainer import Trainer
     trainer = Trainer(load_config(None, tiny_overrides(tmp_path / "long", data_cache, **{"run.steps_per_epoch": 0})))
     assert trainer.steps_per_epoch == 89 and trainer.scores.capacity == 9  # 1,437 images / 16 = 89 steps
+
+
+def test_the_neg_variance_is_unbiased_as_torch_var():
+    from fastft.score_stats import batch_means
+    torch.manual_seed(7)
+    s = torch.randn(6, 37, dtype=torch.float64).float() * 0.3 + 0.1
+    means = batch_means(s[:, 0], neg_score_stats(s, T, (-3.0, 3.0, 16)), 37, T)
+    assert means[SERIES.index("neg_var")].item() == pytest.approx(torch.var(s, dim=1).mean().item(), rel=1e-4)
+    assert means[SERIES.index("neg_var")].item() != pytest.approx(torch.var(s, dim=1, unbiased=False).mean().item(),
+                                                                  rel=1e-4)

@@ -119,7 +119,7 @@ def test_knn_monitor_and_cli_report(tmp_path, data_cache, capsys):
                                                                           "optim.epochs": 1})])
     assert rc == 0
     knn = [r for r in read_metrics(out) if r["kind"] in ("knn", "epoch")]
-    assert knn[0]["step"] == 0 and 0 < knn[0]["top1"] <= 1 and 0 < knn[0]["pixels_top1"] <= 1
+    assert knn[0]["step"] == 0 and 0 < knn[0]["random_init_top1"] <= 1 and 0 < knn[0]["pixels_top1"] <= 1
     assert 0 < knn[1]["knn_top1"] <= 1
     captured = capsys.readouterr()
     err = captured.out + captured.err

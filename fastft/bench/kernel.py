@@ -40,7 +40,7 @@ def kernel_inputs(cfg: Config, device: torch.device) -> KernelInputs:
     mix = None
     if cfg.ft.neg == "interpolate":
         perm = torch.randperm(k, generator=g).to(device)
-        lam_n = torch.rand(k, c, generator=g).to(device) if cfg.ft.dim_mask == "elementwise" else 0.5
+        lam_n = torch.rand(k, c, generator=g).to(device) if cfg.ft.dim_mask in ("neg", "both") else 0.5
         mix = NegativeMix(lam_n, perm)
     return KernelInputs(q, key, queue, lam_p, mix, cfg.model.temperature)
 
@@ -51,14 +51,14 @@ def kernel_impls(cfg: Config, device: torch.device, x: KernelInputs) -> tuple[di
     notes: list[str] = []
     fusable = x.mix is None or x.mix.scalar
     try:
-        impls["triton"] = select_loss("triton", device)
+        impls["triton"] = select_loss("triton", device, cfg.loss.tf32)
         from fastft.kernels import infonce_triton
 
         if infonce_triton.INTERPRETED:
             notes.append("triton runs under the interpreter (TRITON_INTERPRET=1): its times measure numpy on the "
                          "CPU, not the kernel")
         if not fusable:
-            notes.append("triton: a per-element lam_n (ft.dim_mask: elementwise) is not fused; it runs the torch "
+            notes.append("triton: a per-element lam_n (ft.dim_mask: neg or both) is not fused; it runs the torch "
                          "loss")
     except ConfigError as e:
         if device.type == "cpu":
