@@ -115,16 +115,23 @@ def set_aside(path: Path, into: str, why: str = "") -> Path:
     return dest
 
 
+def _loads(path: Path) -> bool:
+    """Whether checkpoint `path` loads (tensors memory-mapped, not read); one that does not is moved into
+    checkpoints/unreadable/."""
+    try:
+        load(path, lazy=True)
+    except CheckpointError as e:
+        set_aside(path, UNREADABLE, str(e))
+        return False
+    return True
+
+
 def set_aside_all(out_dir: str | Path) -> None:
     """Before a run starts afresh in `out_dir`: every checkpoint there is moved aside (unreadable ones into
     checkpoints/unreadable/, an earlier run's into checkpoints/earlier/), so that pruning never weighs them
     against the new run's."""
     for path in list_checkpoints(out_dir):
-        try:
-            load(path, lazy=True)
-        except CheckpointError as e:
-            set_aside(path, UNREADABLE, str(e))
-        else:
+        if _loads(path):
             set_aside(path, EARLIER, "this run starts afresh")
 
 
@@ -132,10 +139,7 @@ def prune(out_dir: str | Path, keep: int) -> None:
     """Keep the `keep` newest checkpoints that load; delete older ones; move any that do not load aside."""
     kept = 0
     for path in list_checkpoints(out_dir):
-        try:
-            load(path, lazy=True)
-        except CheckpointError as e:
-            set_aside(path, UNREADABLE, str(e))
+        if not _loads(path):
             continue
         kept += 1
         if kept > keep:

@@ -189,6 +189,16 @@ def _bins_text(bins: dict) -> str:
     return f"pos {BinSpec(*bins['pos']).describe()}, neg {BinSpec(*bins['neg']).describe()}"
 
 
+MAX_CHUNK_STEPS = 200
+
+
+def chunk_steps(cfg: ScoresConfig, steps_per_epoch: int | None = None) -> int:
+    """Steps per chunk: scores.flush_every, or for 0 about 10 chunks per epoch, at most MAX_CHUNK_STEPS."""
+    if cfg.flush_every or not steps_per_epoch:
+        return cfg.flush_every or MAX_CHUNK_STEPS
+    return min(MAX_CHUNK_STEPS, -(-steps_per_epoch // 10))
+
+
 # -- the recorder -------------------------------------------------------------------------------------------
 class ScoreRecorder:
     """Accumulates the statistics of each step on the device; `commit` after each step, `flush` at epoch end.
@@ -206,7 +216,7 @@ class ScoreRecorder:
         self.features = FEATURES if cfg.untransformed else FEATURES[:1]
         self.store = store
         self.metrics = metrics
-        self.capacity = flush_every or cfg.flush_every or 200
+        self.capacity = flush_every or chunk_steps(cfg)
         self.means = torch.zeros(self.capacity, len(self.features), len(SERIES), device=device)
         self.hists = torch.zeros(len(self.features), 2, cfg.bins, dtype=torch.int64, device=device)
         self.rows = 0  # steps observed in the current chunk (a host counter: no sync)

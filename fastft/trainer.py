@@ -31,7 +31,7 @@ from .metrics import read_metrics
 from .moco import MoCo
 from .resumable import ResumableRun, mean_loss
 from .schedule import base_lr, lr_at
-from .score_stats import ScoreRecorder, ScoreStore
+from .score_stats import ScoreRecorder, ScoreStore, chunk_steps
 from .sync_bn import convert_sync_bn
 
 SUMMARY = "summary.json"
@@ -114,9 +114,9 @@ class Trainer(ResumableRun):
         """Pos/neg score statistics, on the device every step (fastft/score_stats.py)."""
         if not self.cfg.scores.enabled:
             return None
-        every = self.cfg.scores.flush_every or min(200, -(-self.steps_per_epoch // 10))  # 0: ~10 chunks an epoch
         return ScoreRecorder(self.cfg.scores, self.cfg.model.temperature, self.device,
-                             ScoreStore(self.out_dir) if is_main() else None, self.log, flush_every=every)
+                             ScoreStore(self.out_dir) if is_main() else None, self.log,
+                             flush_every=chunk_steps(self.cfg.scores, self.steps_per_epoch))
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -224,7 +224,7 @@ class Trainer(ResumableRun):
             summary = self.summary()
             self.write_summary(SUMMARY, summary)
             self.say(f"fastft: {self.out_dir} finished before ({self.epoch}/{self.epochs} epochs)"
-                     + (f"; {self.knn_text(summary)}" if summary["knn_top1"] is not None else "")
+                     + (f"; {knn_report(summary, self.cfg)}" if summary["knn_top1"] is not None else "")
                      + f"; see {self.out_dir / SUMMARY}")
             return summary
         if resumed:
@@ -249,7 +249,7 @@ class Trainer(ResumableRun):
         if self.epoch == self.epochs:
             self.write_summary(SUMMARY, summary)
             if summary["knn_top1"] is not None:
-                self.say(self.knn_text(summary))
+                self.say(knn_report(summary, self.cfg))
         self.log.close()
         return summary
 
@@ -263,9 +263,6 @@ class Trainer(ResumableRun):
             knn_last = logged[-1] if logged else None
         return {"epoch": self.epoch, "step": self.step, "loss_history": self.history, "knn_top1": knn_last,
                 "knn_init_top1": self.knn_init, "knn_pixels_top1": self.knn_pixels}
-
-    def knn_text(self, summary: dict) -> str:
-        return knn_report(summary, self.cfg)
 
 
 def train(cfg: Config) -> dict:
