@@ -197,6 +197,9 @@ class ScoresConfig:
     flush_every: int = bounded(0, 0)
     # Also record the clean q, k against the stored queue, to see what Feature Transformation changes.
     untransformed: bool = True
+    # Per-sample rows as the authors log them (the five numbers of each sample, docs/design.md section 2): the
+    # first `samples` samples of every rank's batch at every step, fp16 in the score chunks. 0 = none.
+    samples: int = bounded(16, 0)
     # Fixed histogram bins over [lo, hi) (outliers land in the end bins). Scores are q_hat . k_hat and q_hat . n,
     # not divided by T: extrapolated features reach |q_hat| ~ 3 and pos scores 5 cos - 4 at lam_p = 2.
     bins: int = bounded(240, 2, 100000)

@@ -8,7 +8,10 @@ s_ij = q_hat_i . n_j (NOT divided by T) against its K negatives n_j and p_i = q_
 
 (the authors' five numbers). Every step stores the batch mean of each (plus of p_i^2 and mean_j s_ij^2, for
 the spread across samples and the pooled neg variance); every chunk of steps stores fixed-bin histograms of all
-p_i and all s_ij. With `scores.untransformed` the same is recorded on the clean q, k against the stored queue.
+p_i and all s_ij; and, as the authors log them, the five numbers of the first `scores.samples` samples of every
+rank's batch (per-sample rows: neg mean, neg var and pos in fp16, the two exp terms in fp32, since
+exp(1 / 0.07) overflows fp16). With `scores.untransformed` the same is recorded on the clean q, k against the
+stored queue.
 
 The input is what MoCo's forward returned (fastft/moco.py `MoCoStep`): the positive scores and the NegStats
 that the loss computed in its own pass (torch or fused kernel alike, binned with `ScoreRecorder.neg_bins`), and
@@ -49,6 +52,9 @@ FOLDER = "scores"
 INDEX = "index.json"
 # Batch means stored per step, in this column order (see the module docstring).
 SERIES = ("pos_mean", "pos_sq_mean", "neg_mean", "neg_sq_mean", "neg_var", "exp_neg_mean", "exp_pos_mean")
+# The per-sample rows, in the authors' column order (their mem_moco.py): the first SAMPLE_FP16 stored as fp16.
+SAMPLE_SERIES = ("neg_mean", "neg_var", "pos", "exp_neg", "exp_pos")
+SAMPLE_FP16 = 3
 # ft: the features used in the loss; raw: the clean q, k and the stored queue.
 FEATURES = ("ft", "raw")
 _CHUNK = re.compile(r"^chunk_(\d+)\.npz$")
@@ -88,15 +94,20 @@ def bins_from_config(cfg: ScoresConfig) -> tuple[BinSpec, BinSpec]:
 
 
 # -- the statistics -------------------------------------------------------------------------------------------
-def batch_means(pos: torch.Tensor, neg: NegStats, num_neg: int, temperature: float) -> torch.Tensor:
-    """[len(SERIES)] batch means of the per-sample numbers, on the device."""
+def per_sample(pos: torch.Tensor, neg: NegStats, num_neg: int, temperature: float) -> torch.Tensor:
+    """[B, len(SAMPLE_SERIES)]: each sample's five numbers, on the device."""
     pos = pos.float()
     mean = neg.sum / num_neg
-    sq = neg.sumsq / num_neg
     # Unbiased, as the authors' torch.var: (E[s^2] - E[s]^2) K / (K - 1); the difference can dip below 0 by rounding.
-    var = (sq - mean * mean).clamp_min(0) * (num_neg / max(1, num_neg - 1))
-    return torch.stack([pos.mean(), (pos * pos).mean(), mean.mean(), sq.mean(), var.mean(),
-                        (neg.sumexp / num_neg).mean(), (pos / temperature).exp().mean()])
+    var = (neg.sumsq / num_neg - mean * mean).clamp_min(0) * (num_neg / max(1, num_neg - 1))
+    return torch.stack([mean, var, pos, neg.sumexp / num_neg, (pos / temperature).exp()], dim=1)
+
+
+def batch_means(rows: torch.Tensor, neg: NegStats, num_neg: int) -> torch.Tensor:
+    """[len(SERIES)] batch means, from the `per_sample` rows of the batch (and the negatives' sum of squares)."""
+    m = rows.mean(0)
+    pos = rows[:, 2]
+    return torch.stack([m[2], (pos * pos).mean(), m[0], (neg.sumsq / num_neg).mean(), m[1], m[3], m[4]])
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,11 +121,13 @@ def _chunk_name(first_step: int) -> str:
 
 @dataclass
 class Chunk:
-    """One flush: the steps it covers, their per-step batch means and the chunk's histograms."""
+    """One flush: the steps it covers, their per-step batch means, the chunk's histograms, per-sample rows."""
     steps: np.ndarray  # [S] int64, step count after each step (as in metrics.jsonl)
     epochs: np.ndarray  # [S] int64, 0-based epoch of each step
     means: dict[str, np.ndarray]  # feature -> [S, len(SERIES)] float32
     hists: dict[str, np.ndarray]  # feature -> [2, nbins] int64 (row 0 pos, row 1 neg)
+    # feature -> [S, ranks, samples, len(SAMPLE_SERIES)] float32, NaN where a rank's batch was shorter
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"step": self.steps, "epoch": self.epochs}
@@ -122,6 +135,9 @@ class Chunk:
             for j, name in enumerate(SERIES):
                 out[f"{feat}_{name}"] = self.means[feat][:, j]
             out[f"{feat}_hist_pos"], out[f"{feat}_hist_neg"] = self.hists[feat][0], self.hists[feat][1]
+        for feat, rows in self.samples.items():
+            out[f"{feat}_samples_fp16"] = rows[..., :SAMPLE_FP16].astype(np.float16)
+            out[f"{feat}_samples_exp"] = rows[..., SAMPLE_FP16:].astype(np.float32)
         return out
 
 
@@ -208,10 +224,14 @@ class ScoreRecorder:
     """
 
     def __init__(self, cfg: ScoresConfig, temperature: float, device: torch.device,
-                 store: ScoreStore | None = None, metrics: MetricsLog | None = None, flush_every: int | None = None):
-        """`flush_every`: steps per chunk, in place of cfg.flush_every (the trainer resolves its 0 = auto)."""
+                 store: ScoreStore | None = None, metrics: MetricsLog | None = None, flush_every: int | None = None,
+                 transformed: tuple[bool, bool] = (True, True)):
+        """`flush_every`: steps per chunk, in place of cfg.flush_every (the trainer resolves its 0 = auto).
+        `transformed`: whether FT changes the (pos, neg) scores at all (ft.pos / ft.neg not none); a reader
+        then knows that the untransformed pos or neg scores equal those after FT."""
         self.cfg = cfg
         self.temperature = temperature
+        self.transformed = transformed
         self.pos_bins, self.neg_bins = bins_from_config(cfg)
         self.features = FEATURES if cfg.untransformed else FEATURES[:1]
         self.store = store
@@ -219,6 +239,8 @@ class ScoreRecorder:
         self.capacity = flush_every or chunk_steps(cfg)
         self.means = torch.zeros(self.capacity, len(self.features), len(SERIES), device=device)
         self.hists = torch.zeros(len(self.features), 2, cfg.bins, dtype=torch.int64, device=device)
+        self.samples = torch.full((self.capacity, len(self.features), cfg.samples, len(SAMPLE_SERIES)), math.nan,
+                                  device=device)
         self.rows = 0  # steps observed in the current chunk (a host counter: no sync)
         self.steps: list[int] = []
         self.epochs: list[int] = []
@@ -226,7 +248,8 @@ class ScoreRecorder:
     def meta(self, num_neg: int | None = None) -> dict:
         return {"temperature": self.temperature, "negatives": num_neg, "world_size": world_size(),
                 "bins": {"pos": self.pos_bins.as_list(), "neg": self.neg_bins.as_list()},
-                "features": list(self.features), "series": list(SERIES)}
+                "features": list(self.features), "series": list(SERIES), "sample_series": list(SAMPLE_SERIES),
+                "transformed": {"pos": self.transformed[0], "neg": self.transformed[1]}}
 
     def begin(self, step: int, num_neg: int | None = None) -> None:
         """Start (or resume at `step`): score chunks past `step` are dropped."""
@@ -255,7 +278,10 @@ class ScoreRecorder:
         self.rows += 1
 
     def _add(self, feat: int, pos: torch.Tensor, neg: NegStats, num_neg: int) -> None:
-        self.means[self.rows, feat] = batch_means(pos, neg, num_neg, self.temperature)
+        rows = per_sample(pos, neg, num_neg, self.temperature)
+        self.means[self.rows, feat] = batch_means(rows, neg, num_neg)
+        n = min(self.cfg.samples, rows.shape[0])
+        self.samples[self.rows, feat, :n] = rows[:n]
         self.hists[feat, 0] += histogram(pos, self.pos_bins.as_tuple())
         self.hists[feat, 1] += neg.hist
 
@@ -272,16 +298,24 @@ class ScoreRecorder:
         """Move the accumulated chunk to the host (the one sync), write it, and start the next one."""
         if not self.steps:
             return
-        means, hists = self.means[:self.rows], self.hists.clone()
+        means, hists, samples = self.means[:self.rows], self.hists.clone(), self.samples[:self.rows].unsqueeze(0)
         if is_dist() and world_size() > 1:
             means = means.contiguous()
             dist.all_reduce(means)
             means /= world_size()
             dist.all_reduce(hists)
+            if self.cfg.samples:
+                gathered = [torch.empty_like(samples) for _ in range(world_size())]
+                dist.all_gather(gathered, samples.contiguous())
+                samples = torch.cat(gathered)
         means, hists = means.cpu().numpy(), hists.cpu().numpy()
+        samples = samples.cpu().numpy().copy()  # [ranks, S, features, samples, 5]; a copy: the buffer is reused
         chunk = Chunk(np.asarray(self.steps, dtype=np.int64), np.asarray(self.epochs, dtype=np.int64),
                       {f: means[:, i].copy() for i, f in enumerate(self.features)},
-                      {f: hists[i] for i, f in enumerate(self.features)})
+                      {f: hists[i] for i, f in enumerate(self.features)},
+                      {f: samples[:, :, i].transpose(1, 0, 2, 3) for i, f in enumerate(self.features)}
+                      if self.cfg.samples else {})
+        self.samples.fill_(math.nan)
         epoch, last = self.epochs[-1], self.steps[-1]
         self.rows, self.steps, self.epochs = 0, [], []
         self.hists.zero_()
@@ -318,6 +352,12 @@ class RunScores:
     chunk_last: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [C]
     chunk_epoch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [C]
     hists: dict[str, np.ndarray] = field(default_factory=dict)  # "ft_pos" -> [C, nbins]; 0 where not logged
+    # Per-sample rows: "ft" / "raw" -> [R, len(SAMPLE_SERIES)] float32 (fp16-rounded where stored so), and for
+    # each row its "step", "epoch" (0-based), "rank" and "sample" (index in that rank's batch) -> [R]
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    sample_index: dict[str, np.ndarray] = field(default_factory=dict)
+    # Whether FT changes the pos / neg scores at all; where not, the untransformed ones equal those after FT.
+    transformed: dict[str, bool] = field(default_factory=lambda: {"pos": True, "neg": True})
 
     def has(self, feature: str) -> bool:
         """Whether any chunk logged `feature` ("ft" or "raw")."""
@@ -361,7 +401,34 @@ def read_scores(run_dir: str | Path) -> RunScores:
             key = f"{feat}_hist_{kind}"
             out.hists[f"{feat}_{kind}"] = np.stack([z[key] if key in z else np.zeros(bins.n, np.int64)
                                                     for z in chunks])
+    _read_samples(out, chunks)
+    out.transformed = {k: bool(v) for k, v in index.get("transformed", out.transformed).items()}
     out.chunk_first = np.array([c["first_step"] for c in index["chunks"]], dtype=np.int64)
     out.chunk_last = np.array([c["last_step"] for c in index["chunks"]], dtype=np.int64)
     out.chunk_epoch = np.array([c["epoch"] for c in index["chunks"]], dtype=np.int64)
     return out
+
+
+def _read_samples(out: RunScores, chunks: list[dict[str, np.ndarray]]) -> None:
+    """The per-sample rows of every chunk that has them, flattened to one row per (step, rank, sample)."""
+    rows: dict[str, list[np.ndarray]] = {f: [] for f in FEATURES}
+    index: dict[str, list[np.ndarray]] = {k: [] for k in ("step", "epoch", "rank", "sample")}
+    for z in chunks:
+        feats = [f for f in FEATURES if f"{f}_samples_fp16" in z]
+        if not feats:
+            continue
+        grid = {f: np.concatenate([z[f"{f}_samples_fp16"].astype(np.float32), z[f"{f}_samples_exp"]], axis=-1)
+                for f in feats}  # [S, ranks, samples, 5]
+        steps, ranks, samples = grid[feats[0]].shape[:3]
+        keep = ~np.isnan(grid[feats[0]][..., SAMPLE_SERIES.index("pos")])  # NaN: a rank's batch was shorter
+        s_i, r_i, n_i = np.meshgrid(np.arange(steps), np.arange(ranks), np.arange(samples), indexing="ij")
+        index["step"].append(z["step"][s_i[keep]])
+        index["epoch"].append(z["epoch"][s_i[keep]])
+        index["rank"].append(r_i[keep])
+        index["sample"].append(n_i[keep])
+        for f in FEATURES:
+            rows[f].append(grid[f][keep] if f in grid else np.full((int(keep.sum()), len(SAMPLE_SERIES)), np.nan,
+                                                                   np.float32))
+    if index["step"]:
+        out.samples = {f: np.concatenate(r) for f, r in rows.items()}
+        out.sample_index = {k: np.concatenate(v).astype(np.int64) for k, v in index.items()}

@@ -116,7 +116,8 @@ class Trainer(ResumableRun):
             return None
         return ScoreRecorder(self.cfg.scores, self.cfg.model.temperature, self.device,
                              ScoreStore(self.out_dir) if is_main() else None, self.log,
-                             flush_every=chunk_steps(self.cfg.scores, self.steps_per_epoch))
+                             flush_every=chunk_steps(self.cfg.scores, self.steps_per_epoch),
+                             transformed=(self.cfg.ft.pos != "none", self.cfg.ft.neg != "none"))
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state(self) -> dict:

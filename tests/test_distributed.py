@@ -158,3 +158,21 @@ def test_elastic_restart_after_a_worker_dies(tmp_path, data_cache):
     assert "resumed from" in output
     losses = [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert losses == list(range(1, 19))  # the history continues where the checkpoint left off, no gaps or repeats
+
+
+def test_per_sample_score_rows_come_from_every_rank(two_rank_run):
+    """Each rank's rows are gathered with its rank; their mean per step is the logged (rank-averaged) batch mean."""
+    import numpy as np
+    from fastft.score_stats import SAMPLE_SERIES, read_scores
+    _, out = two_rank_run
+    got = read_scores(out)
+    idx = got.sample_index
+    assert set(idx["rank"].tolist()) == {0, 1}
+    for i, step in enumerate(got.steps):
+        mine = idx["step"] == step
+        per_rank = [got.samples["ft"][mine & (idx["rank"] == r)].mean(0) for r in (0, 1)]
+        assert len(set(idx["sample"][mine].tolist())) * 2 == mine.sum()  # whole local batches, both ranks
+        assert not np.allclose(per_rank[0], per_rank[1])  # two different batches, not one copied
+        mean = np.mean(per_rank, axis=0)
+        assert mean[SAMPLE_SERIES.index("pos")] == pytest.approx(got.series["ft_pos_mean"][i], rel=2e-3, abs=2e-3)
+        assert mean[SAMPLE_SERIES.index("neg_var")] == pytest.approx(got.series["ft_neg_var"][i], rel=2e-3, abs=2e-3)

@@ -85,6 +85,50 @@ def test_statistics_equal_numpy_on_the_same_logits_after_ft(tmp_path):
     assert min(s[0].min() for s in steps) < -1 and got.hists["ft_pos"][0][0] < got.hists["ft_pos"][0].sum()
 
 
+def test_per_sample_rows_are_the_authors_five_numbers_and_rebuild_the_batch_means(tmp_path):
+    """Rows stored as the authors log them (fp16 for the first three): each equals numpy on the same logits, and
+    the batch means recomputed from them equal the logged means within fp16 tolerance."""
+    from fastft.score_stats import SAMPLE_SERIES
+    torch.manual_seed(4)
+    rec = recorder(tmp_path, flush_every=10, samples=12)
+    want = []
+    for step in (1, 2):
+        out, queue, logits = ft_step(n=12)
+        rec.observe(out, queue)
+        rec.commit(step, 3)
+        sc = logits.numpy().astype(np.float64) * T
+        pos, neg = sc[:, 0], sc[:, 1:]
+        want.append(np.stack([neg.mean(1), neg.var(1, ddof=1), pos, np.exp(neg / T).mean(1), np.exp(pos / T)], 1))
+    rec.flush()
+    got = read_scores(tmp_path)
+    rows, idx = got.samples["ft"], got.sample_index
+    assert rows.shape == (24, len(SAMPLE_SERIES)) and not np.isnan(got.samples["raw"]).any()
+    assert idx["step"].tolist() == [1] * 12 + [2] * 12 and set(idx["epoch"]) == {3} and set(idx["rank"]) == {0}
+    assert idx["sample"].tolist() == list(range(12)) * 2
+    np.testing.assert_allclose(rows, np.concatenate(want), rtol=2e-3, atol=2e-3)  # fp16: 11 bits of mantissa
+    assert not np.array_equal(rows[:, :3], np.concatenate(want)[:, :3].astype(np.float32))  # really rounded
+    for i, step in enumerate((1, 2)):
+        mine = rows[idx["step"] == step].mean(0)
+        for col, name in (("neg_mean", "neg_mean"), ("neg_var", "neg_var"), ("pos", "pos_mean"),
+                          ("exp_neg", "exp_neg_mean"), ("exp_pos", "exp_pos_mean")):
+            assert mine[SAMPLE_SERIES.index(col)] == pytest.approx(got.series[f"ft_{name}"][i], rel=2e-3, abs=2e-3)
+
+
+def test_per_sample_rows_keep_the_first_samples_of_each_batch(tmp_path):
+    torch.manual_seed(5)
+    rec = recorder(tmp_path, flush_every=10, samples=5)
+    out, queue, logits = ft_step(n=12)
+    rec.observe(out, queue)
+    rec.commit(1, 0)
+    short, queue2, _ = ft_step(n=3)  # a last, short batch: its missing rows are not invented
+    rec.observe(short, queue2)
+    rec.commit(2, 0)
+    rec.flush()
+    got = read_scores(tmp_path)
+    assert got.sample_index["sample"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    np.testing.assert_allclose(got.samples["ft"][:5, 2], (logits[:5, 0] * T).numpy(), rtol=2e-3, atol=2e-3)
+
+
 def test_histogram_matches_numpy_and_neg_stats_use_it():
     torch.manual_seed(1)
     s = torch.randn(7, 300) * 1.5  # some beyond [-3, 3): they must land in the end bins
@@ -264,10 +308,13 @@ def test_chunks_scale_with_the_epoch_length_by_default(tmp_path, data_cache):
 
 
 def test_the_neg_variance_is_unbiased_as_torch_var():
-    from fastft.score_stats import batch_means
+    from fastft.score_stats import SAMPLE_SERIES, batch_means, per_sample
     torch.manual_seed(7)
     s = torch.randn(6, 37, dtype=torch.float64).float() * 0.3 + 0.1
-    means = batch_means(s[:, 0], neg_score_stats(s, T, (-3.0, 3.0, 16)), 37, T)
+    stats = neg_score_stats(s, T, (-3.0, 3.0, 16))
+    rows = per_sample(s[:, 0], stats, 37, T)
+    torch.testing.assert_close(rows[:, SAMPLE_SERIES.index("neg_var")], torch.var(s, dim=1), rtol=1e-4, atol=1e-6)
+    means = batch_means(rows, stats, 37)
     assert means[SERIES.index("neg_var")].item() == pytest.approx(torch.var(s, dim=1).mean().item(), rel=1e-4)
     assert means[SERIES.index("neg_var")].item() != pytest.approx(torch.var(s, dim=1, unbiased=False).mean().item(),
                                                                   rel=1e-4)
