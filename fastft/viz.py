@@ -1,13 +1,16 @@
 """`fastft-viz RUN [RUN ...] --out DIR`: the paper's pos/neg score figures from one or more runs.
 
-Draws, from each run's `scores/` (fastft/score_stats.py):
-  curves        pos mean, neg mean and neg variance against the iteration, runs overlaid, each run's final
-                accuracy (linear if present, else kNN) in the legend
-  ft_effect     the same on the features used in the loss (solid) and on the untransformed ones (dashed)
+Draws, from each run's `scores/` (fastft/score_stats.py) and metrics.jsonl:
+  curves        pos mean, neg mean, neg variance, exp(pos/T), mean exp(neg/T) and the training loss against the
+                iteration (epochs on the top axis), runs overlaid, each run's final accuracy in the legend
+  ft_effect     the score curves on the features used in the loss (solid) and on the untransformed ones (dashed)
   density_*     per run: the evolving pos and neg score distributions, density over score x iteration
   epochs_*      per run: one pos and one neg density curve per epoch
   final         the last epoch's pos and neg densities of all runs overlaid
-each as PNG and SVG, and `index.html` showing them all with every run's config.yaml.
+  sweep         with --sweep: the paper's stacked 3D curves, one per run, stacked along the one config key
+                the runs differ in (their notebook's momentum figure)
+each as PNG and SVG, and `index.html` showing them all with a table of every run's accuracies against its
+baselines (random init, raw pixels) and every run's config.yaml.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window (headless machines, CI)
 
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib import cm, colors, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -32,8 +36,16 @@ from .atomic import write_text  # noqa: E402
 from .metrics import read_metrics  # noqa: E402
 from .score_stats import BinSpec, RunScores, ScoresError, read_scores  # noqa: E402
 
-# The three curves of the paper's figures: (series key, axis title).
-CURVES = (("pos_mean", "pos score mean"), ("neg_mean", "neg score mean"), ("neg_var", "neg score variance"))
+# Every logged score series: (series key, panel title, y-axis label, log scale). The first three are the paper's.
+CURVES = (("pos_mean", "pos score mean", "mean of q\u0302\u00b7k\u0302", False),
+          ("neg_mean", "neg score mean", "mean of q\u0302\u00b7n", False),
+          ("neg_var", "neg score variance", "variance of q\u0302\u00b7n over K (unbiased)", False),
+          ("exp_pos_mean", "exp(pos / T)", "batch mean of exp(q\u0302\u00b7k\u0302 / T)", True),
+          ("exp_neg_mean", "mean exp(neg / T)", "batch mean of mean over K of exp(q\u0302\u00b7n / T)", True))
+# The paper's stacked 3D figure, one panel per statistic.
+SWEEP_CURVES = CURVES[:3]
+# Results of a run and its baselines, in the order of the run table; the first two also go in the legend.
+RESULTS = ("kNN", "linear", "kNN random init", "linear random init", "kNN pixels")
 KINDS = (("pos", "pos scores"), ("neg", "neg scores"))
 FEATURE_NAMES = {"ft": "used in the loss (after FT)", "raw": "untransformed (q, k, stored queue)"}
 RC = {"svg.fonttype": "none", "svg.hashsalt": "fastft", "font.size": 9}  # text stays text in SVGs; stable ids
@@ -48,26 +60,37 @@ class Run:
     label: str
     slug: str
     scores: RunScores
-    accuracy: str  # "kNN 91.2%" / "linear 93.0%, kNN 91.2%" / ""
+    results: dict[str, float]  # RESULTS keys this run recorded
     config_text: str | None
+    loss: tuple[np.ndarray, np.ndarray]  # (steps, training loss) from metrics.jsonl; empty if not logged
+
+    @property
+    def accuracy(self) -> str:
+        """"linear 93.0%, kNN 91.2%" / "": the trained encoder's results, for legends."""
+        return ", ".join(f"{k} {self.results[k]:.1%}" for k in ("linear", "kNN") if k in self.results)
+
+    def config(self) -> dict:
+        try:
+            cfg = yaml.safe_load(self.config_text) if self.config_text else None
+        except yaml.YAMLError:
+            cfg = None
+        return cfg if isinstance(cfg, dict) else {}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
-def _last_number(records: list[dict], key: str, kind: str | None = None) -> float | None:
+def _last_number(records: list[dict], key: str, kind: str, encoder: str | None = None) -> float | None:
     for r in reversed(records):
-        if r.get("encoder") == "random_init":  # a linear-probe baseline, not this run's encoder
-            continue
-        if (kind is None or r.get("kind") == kind) and isinstance(r.get(key), (int, float)):
+        if r.get("kind") == kind and r.get("encoder") == encoder and isinstance(r.get(key), (int, float)):
             return float(r[key])
     return None
 
 
-def run_accuracy(run_dir: Path) -> dict[str, float]:
-    """The run's final accuracies: {"linear": ..., "kNN": ...}, each only where the run recorded it.
+def run_results(run_dir: Path, records: list[dict]) -> dict[str, float]:
+    """The run's final accuracies and its baselines (RESULTS keys), each only where the run recorded it.
 
-    Read from summary.json (`linear_top1`, `knn_top1`), else from the last metrics.jsonl record that has one
-    (a `fastft.linear` record of kind "linear" with `top1` for the pretrained encoder, an epoch record with
-    `knn_top1`).
+    kNN from summary.json (`knn_top1`, `knn_init_top1`, `knn_pixels_top1`), else from metrics.jsonl (epoch
+    records' `knn_top1`, the step-0 kNN record); the linear probe from metrics.jsonl's records of kind "linear",
+    one per encoder (`pretrained`, `random_init`).
     """
     summary: dict = {}
     if (run_dir / "summary.json").is_file():
@@ -75,19 +98,21 @@ def run_accuracy(run_dir: Path) -> dict[str, float]:
             summary = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
             summary = {}
-    records = read_metrics(run_dir)
-    found: dict[str, float] = {}
-    linear = summary.get("linear_top1")
-    if not isinstance(linear, (int, float)):
-        linear = _last_number(records, "linear_top1") or _last_number(records, "top1", kind="linear")
-    if linear is not None:
-        found["linear"] = float(linear)
-    knn = summary.get("knn_top1")
-    if not isinstance(knn, (int, float)):
-        knn = _last_number(records, "knn_top1")
-    if knn is not None:
-        found["kNN"] = float(knn)
-    return found
+    found = {
+        "kNN": summary.get("knn_top1", _last_number(records, "knn_top1", "epoch")),
+        "kNN random init": summary.get("knn_init_top1", _last_number(records, "random_init_top1", "knn")),
+        "kNN pixels": summary.get("knn_pixels_top1", _last_number(records, "pixels_top1", "knn")),
+        "linear": _last_number(records, "top1", "linear", "pretrained"),
+        "linear random init": _last_number(records, "top1", "linear", "random_init"),
+    }
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
+
+
+def training_loss(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, loss) of the per-step training records."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and isinstance(r.get("loss"), float)]
+    steps, loss = zip(*train) if train else ((), ())
+    return np.asarray(steps, dtype=np.int64), np.asarray(loss, dtype=np.float64)
 
 
 def _slug(text: str) -> str:
@@ -120,10 +145,10 @@ def load_runs(paths: list[str | Path], labels: list[str] | None = None) -> list[
             scores = read_scores(p)
         except ScoresError as e:
             raise VizError(str(e)) from None
-        acc = run_accuracy(p)
+        records = read_metrics(p)
         cfg = p / "config.yaml"
-        runs.append(Run(name, f"{len(runs)}_{_slug(name)}", scores, ", ".join(f"{k} {v:.1%}" for k, v in acc.items()),
-                        cfg.read_text() if cfg.is_file() else None))
+        runs.append(Run(name, f"{len(runs)}_{_slug(name)}", scores, run_results(p, records),
+                        cfg.read_text() if cfg.is_file() else None, training_loss(records)))
     first = runs[0]
     for r in runs[1:]:
         if r.scores.bins_key() != first.scores.bins_key():
@@ -202,25 +227,71 @@ def _save(fig: Figure, out: Path, name: str) -> list[str]:
 
 
 # -- figures --------------------------------------------------------------------------------------------------
-def curves_figure(runs: list[Run], window: int, feature_styles: dict[str, str]) -> Figure:
-    """Pos mean, neg mean, neg variance vs iteration; one line per run (and per feature in `feature_styles`)."""
+def _kind(key: str) -> str:
+    """Which scores a series is made of: "pos" or "neg"."""
+    return "pos" if key.startswith(("pos", "exp_pos")) else "neg"
+
+
+def _same_as_ft(s: RunScores, feature: str, kind: str) -> bool:
+    """The untransformed `kind` scores of a run whose FT leaves them alone (ft.pos or ft.neg none) are the very
+    scores used in the loss: drawing them again would only duplicate a panel."""
+    return feature == "raw" and not s.transformed[kind]
+
+
+def add_epoch_axis(ax, s: RunScores) -> None:
+    """Epochs on the top axis, from the run's step -> epoch record (epoch e ends at its last logged step)."""
+    epochs = np.unique(s.epochs)
+    ends = np.array([0] + [int(s.steps[s.epochs == e].max()) for e in epochs], dtype=float)
+    marks = np.concatenate([[0], epochs + 1]).astype(float)
+    if len(ends) < 2 or np.any(np.diff(ends) <= 0):
+        return
+    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, ends, marks),
+                                               lambda e: np.interp(e, marks, ends)))
+    top.set_xlabel("epoch", fontsize=8)
+    top.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, nbins=6))
+    top.tick_params(labelsize=7)
+
+
+def _style_axis(ax, title: str, ylabel: str, log: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def curves_figure(runs: list[Run], window: int, feature_styles: dict[str, str], with_loss: bool = True) -> Figure:
+    """Every score series (and the training loss) vs iteration; one line per run (and per feature in
+    `feature_styles`), epochs of the first run on the top axis."""
+    panels = len(CURVES) + with_loss
     with matplotlib.rc_context(RC):
-        fig = Figure(figsize=(13, 3.8), layout="constrained")
-        axes = fig.subplots(1, len(CURVES))
+        fig = Figure(figsize=(13, 7.6), layout="constrained")
+        axes = fig.subplots(2, (panels + 1) // 2).ravel()
+        for ax in axes[panels:]:
+            ax.set_axis_off()
         for run, color in zip(runs, _palette(len(runs))):
             s = run.scores
             w = window or auto_window(len(s.steps))
             for feat, style in feature_styles.items():
                 if not s.has(feat):
                     continue
-                for ax, (key, _) in zip(axes, CURVES):
+                for ax, (key, *_) in zip(axes, CURVES):
+                    if _same_as_ft(s, feat, _kind(key)):
+                        continue
                     line, = ax.plot(s.steps, smooth(s.series[f"{feat}_{key}"], w), style, color=color, lw=1.4,
-                                    label=_legend_label(run) if feat == "ft" or len(feature_styles) == 1 else None)
+                                    label=_legend_label(run) if feat == "ft" else None)
                     line.set_gid(f"series:{key}:{run.slug}:{feat}")
-        for ax, (_, title) in zip(axes, CURVES):
-            ax.set_title(title)
-            ax.set_xlabel("iteration")
-            ax.grid(alpha=0.3)
+            if with_loss and len(run.loss[0]):
+                line, = axes[len(CURVES)].plot(run.loss[0], smooth(run.loss[1], auto_window(len(run.loss[0]))),
+                                               color=color, lw=1.4)
+                line.set_gid(f"series:loss:{run.slug}")
+        for ax, (_, title, ylabel, log) in zip(axes, CURVES):
+            _style_axis(ax, title, ylabel, log)
+        if with_loss:
+            _style_axis(axes[len(CURVES)], "training loss", "InfoNCE loss (nats)", False)
+        for ax in axes[:panels]:
+            add_epoch_axis(ax, runs[0].scores)
         handles, labels = axes[0].get_legend_handles_labels()
         if len(feature_styles) > 1:
             from matplotlib.lines import Line2D
@@ -233,7 +304,8 @@ def curves_figure(runs: list[Run], window: int, feature_styles: dict[str, str]) 
 
 def _panels(run: Run, draw: Callable[[Figure, object, str, str, BinSpec], None]) -> Figure:
     """A figure with a row per logged feature (after FT, untransformed) and a column per kind (pos, neg):
-    draw(fig, ax, feature, kind, bins) fills each panel."""
+    draw(fig, ax, feature, kind, bins) fills each panel; an untransformed panel equal to the one above is left
+    out, with a note saying why."""
     s = run.scores
     feats = [f for f in ("ft", "raw") if s.has(f)]
     with matplotlib.rc_context(RC):
@@ -241,8 +313,15 @@ def _panels(run: Run, draw: Callable[[Figure, object, str, str, BinSpec], None])
         axes = np.atleast_2d(fig.subplots(len(feats), 2, squeeze=False))
         for row, feat in enumerate(feats):
             for col, (kind, title) in enumerate(KINDS):
-                draw(fig, axes[row, col], feat, kind, s.pos_bins if kind == "pos" else s.neg_bins)
-                axes[row, col].set_title(f"{title}: {FEATURE_NAMES[feat]}")
+                ax = axes[row, col]
+                if _same_as_ft(s, feat, kind):
+                    ax.set_axis_off()
+                    ax.text(0.5, 0.5, f"untransformed {kind} scores = those used in the loss\n"
+                            f"(ft.{kind}: none, FT leaves them alone): drawn above",
+                            ha="center", va="center", transform=ax.transAxes, color="0.4")
+                    continue
+                draw(fig, ax, feat, kind, s.pos_bins if kind == "pos" else s.neg_bins)
+                ax.set_title(f"{title}: {FEATURE_NAMES[feat]}")
         fig.suptitle(_legend_label(run))
     return fig
 
@@ -267,6 +346,7 @@ def density_figure(run: Run) -> Figure:
         ax.set_ylim(*occupied_range(counts, bins))
         ax.set_xlabel("iteration")
         ax.set_ylabel("score")
+        add_epoch_axis(ax, s)
         ax.legend(loc="upper right", fontsize=7)
         fig.colorbar(mesh, ax=ax, label="density")
 
@@ -319,13 +399,108 @@ def final_figure(runs: list[Run]) -> Figure:
     return fig
 
 
+# -- sweeps ---------------------------------------------------------------------------------------------------
+# Keys that say where and how a run reports, not what it learns: never the swept key.
+BOOKKEEPING = ("run.out_dir", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_ckpts",
+               "run.epochs_per_job", "run.progress", "run.tensorboard", "data.cache_dir")
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"momentum": 0.99}} -> {"model.momentum": 0.99}."""
+    out: dict[str, object] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _sort_key(value: object) -> tuple:
+    return (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+
+
+def sweep_key(runs: list[Run], key: str | None = None) -> tuple[str, list[object]]:
+    """The one config key the runs differ in (or `key`), and each run's value of it."""
+    configs = []
+    for r in runs:
+        if not r.config_text:
+            raise VizError(f"{r.scores.run_dir} has no config.yaml: --sweep finds the swept key in the runs' configs")
+        configs.append(flatten(r.config()))
+    if key is None:
+        keys = sorted({k for c in configs for k in c} - set(BOOKKEEPING))
+        differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+        if not differ:
+            raise VizError(f"the {len(runs)} runs have the same config (apart from {', '.join(BOOKKEEPING[:1])} and "
+                           f"other bookkeeping keys): a sweep needs runs that differ in one key")
+        if len(differ) > 1:
+            raise VizError(f"the runs differ in {len(differ)} config keys ({', '.join(differ)}); name the swept one "
+                           f"with --key, e.g. --key {differ[0]}")
+        key = differ[0]
+    missing = [str(r.scores.run_dir) for r, c in zip(runs, configs) if key not in c]
+    if missing:
+        raise VizError(f"--key {key}: not a key of the config of {', '.join(missing)}; the keys are dotted paths "
+                       f"such as model.momentum")
+    return key, [c[key] for c in configs]
+
+
+def _stacked_axes(fig: Figure, col: int, cols: int, key: str, runs: list[Run]):
+    """A 3D panel whose x axis is the sweep: one tick per run, named by its label."""
+    ax = fig.add_subplot(1, cols, col + 1, projection="3d")
+    ax.set_xticks(range(len(runs)), [run.label for run in runs], fontsize=7)
+    ax.set_xlabel(key, labelpad=8)
+    return ax
+
+
+def sweep_figure(runs: list[Run], key: str, window: int) -> Figure:
+    """The paper's stacked 3D curves (their notebook): for each statistic, one curve per run against the
+    iteration, the runs stacked along the swept key in its order."""
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(15, 5.2), layout="constrained")
+        for col, (stat, title, ylabel, _) in enumerate(SWEEP_CURVES):
+            ax = _stacked_axes(fig, col, len(SWEEP_CURVES), key, runs)
+            for i, (run, color) in enumerate(zip(runs, _palette(len(runs)))):
+                s = run.scores
+                values = smooth(s.series[f"ft_{stat}"], window or auto_window(len(s.steps)))
+                line, = ax.plot(np.full(len(s.steps), i), s.steps, values, color=color, lw=1.3)
+                line.set_gid(f"sweep:{stat}:{run.slug}")
+            ax.set_ylabel("iteration", labelpad=8)
+            ax.set_zlabel(ylabel, fontsize=7, labelpad=8)
+            ax.set_title(f"{title} (used in the loss)")
+        fig.suptitle(f"Sweep over {key}: " + ", ".join(_legend_label(r) for r in runs), fontsize=9)
+    return fig
+
+
+def sweep_final_figure(runs: list[Run], key: str) -> Figure:
+    """The last epoch's pos and neg score densities, stacked along the swept key."""
+    with matplotlib.rc_context(RC):
+        fig = Figure(figsize=(12, 5.2), layout="constrained")
+        for col, (kind, title) in enumerate(KINDS):
+            ax = _stacked_axes(fig, col, len(KINDS), key, runs)
+            bins = runs[0].scores.pos_bins if kind == "pos" else runs[0].scores.neg_bins
+            centres = (bins.edges()[:-1] + bins.edges()[1:]) / 2
+            last = [epoch_hists(r.scores, f"ft_{kind}")[1][-1] for r in runs]
+            lo, hi = occupied_range(np.stack(last), bins)
+            shown = (centres >= lo) & (centres <= hi)
+            for i, (run, counts, color) in enumerate(zip(runs, last, _palette(len(runs)))):
+                line, = ax.plot(np.full(shown.sum(), i), centres[shown], density(counts, bins)[shown], color=color)
+                line.set_gid(f"sweep_final:{kind}:{run.slug}")
+            ax.set_ylabel("score", labelpad=8)
+            ax.set_zlabel("density", labelpad=6)
+            ax.set_title(f"{title}, last epoch (used in the loss)")
+    return fig
+
+
 # -- page -----------------------------------------------------------------------------------------------------
 def write_index(out: Path, runs: list[Run], figures: list[tuple[str, str, list[str]]]) -> Path:
     """One page with every figure (PNG inline, SVG linked) and every run's config."""
     e = html.escape
+    pct = lambda r, k: f"{r.results[k]:.1%}" if k in r.results else "-"
     rows = "\n".join(
-        f"<tr><td>{e(r.label)}</td><td><code>{e(str(r.scores.run_dir))}</code></td><td>{e(r.accuracy or '-')}</td>"
-        f"<td>{len(r.scores.steps)}</td><td>{int(r.scores.steps[-1])}</td></tr>" for r in runs)
+        f"<tr><td>{e(r.label)}</td><td><code>{e(str(r.scores.run_dir))}</code></td>"
+        + "".join(f"<td>{pct(r, k)}</td>" for k in RESULTS)
+        + f"<td>{len(r.scores.steps)}</td><td>{int(r.scores.steps[-1])}</td></tr>" for r in runs)
+    heads = "".join(f"<th>{e(k)}</th>" for k in RESULTS)
     figs = "\n".join(
         f'<figure id="{e(name)}"><img src="{e(files[0])}" alt="{e(caption)}">'
         f'<figcaption>{e(caption)} &middot; <a href="{e(files[1])}">SVG</a></figcaption></figure>'
@@ -343,7 +518,9 @@ pre{{background:#f6f6f6;padding:8px;font-size:12px}}</style></head><body>
 <p>Scores are cosine-like dot products of the features used in the loss (pos: q&#770;&middot;k&#770;, neg:
 q&#770;&middot;n), not divided by T ({s0.temperature:g} in the first run). Bins: pos {e(s0.pos_bins.describe())},
 neg {e(s0.neg_bins.describe())}.</p>
-<table><tr><th>run</th><th>folder</th><th>final accuracy</th><th>steps logged</th><th>last step</th></tr>
+<p>Top-1 on the validation split: the trained encoder (kNN monitor, linear probe) beside its baselines, the
+same architecture at random initialisation and the raw pixels ("-": not measured for that run).</p>
+<table><tr><th>run</th><th>folder</th>{heads}<th>steps logged</th><th>last step</th></tr>
 {rows}</table>
 {figs}
 <h2>Run configs</h2>
@@ -355,8 +532,10 @@ neg {e(s0.neg_bins.describe())}.</p>
     return path
 
 
-def draw(paths: list[str | Path], out: str | Path, labels: list[str] | None = None, window: int = 0) -> Path:
-    """Every figure for `paths` into `out`; returns the index.html path."""
+def draw(paths: list[str | Path], out: str | Path, labels: list[str] | None = None, window: int = 0,
+         sweep: bool = False, key: str | None = None) -> Path:
+    """Every figure for `paths` into `out` (with `sweep`, first the stacked figures across the runs, ordered by
+    the swept config key); returns the index.html path."""
     if not paths:
         raise VizError("no run folders given")
     runs = load_runs(paths, labels)
@@ -367,11 +546,25 @@ def draw(paths: list[str | Path], out: str | Path, labels: list[str] | None = No
     def add(fig: Figure, name: str, caption: str) -> None:
         figures.append((name, caption, _save(fig, out, name)))
 
+    if sweep:
+        if len(runs) < 2:
+            raise VizError("--sweep needs at least two run folders")
+        key, values = sweep_key(runs, key)
+        order = sorted(range(len(runs)), key=lambda i: _sort_key(values[i]))
+        runs = [runs[i] for i in order]
+        for n, (run, i) in enumerate(zip(runs, order)):
+            run.label = run.label if labels else f"{key.rsplit('.', 1)[-1]}={values[i]}"
+            run.slug = f"{n}_{_slug(run.label)}"
+        add(sweep_figure(runs, key, window), "sweep",
+            f"Pos mean, neg mean and neg variance of each run, stacked along {key} (the paper's 3D view)")
+        add(sweep_final_figure(runs, key), "sweep_final",
+            f"The last epoch's pos and neg score distributions, stacked along {key}")
     add(curves_figure(runs, window, {"ft": "-"}), "curves",
-        "Pos mean, neg mean and neg variance of the scores used in the loss, per step (moving average)")
+        "Every logged series of the scores used in the loss and the training loss, per step (moving average)")
     if any(r.scores.has("raw") for r in runs):
-        add(curves_figure(runs, window, {"ft": "-", "raw": "--"}), "ft_effect",
-            "What Feature Transformation changes: used in the loss (solid) vs untransformed (dashed)")
+        add(curves_figure(runs, window, {"ft": "-", "raw": "--"}, with_loss=False), "ft_effect",
+            "What Feature Transformation changes: used in the loss (solid) vs untransformed (dashed); "
+            "series FT leaves alone (ft.pos or ft.neg none) are drawn once")
     add(final_figure(runs), "final", "Pos and neg score distributions of the last epoch, all runs")
     for run in runs:
         add(density_figure(run), f"density_{run.slug}", f"{run.label}: score distributions over training")
@@ -386,10 +579,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", nargs="+", metavar="NAME", help="legend names, one per run (default: folder names)")
     ap.add_argument("--smooth", type=int, default=0, metavar="STEPS",
                     help="moving-average window of the curves in steps (default: about 1/60 of the run)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the runs are a sweep over one config key (found from their config.yaml): add the paper's "
+                         "stacked 3D curves, runs ordered by the key's value")
+    ap.add_argument("--key", metavar="KEY", help="with --sweep: the swept key (e.g. model.momentum), when the runs "
+                                                 "differ in more than one")
     args = ap.parse_args(argv)
 
     def body() -> None:
-        index = draw(args.runs, args.out, args.labels, args.smooth)
+        index = draw(args.runs, args.out, args.labels, args.smooth, args.sweep, args.key)
         print(f"fastft-viz: figures for {len(args.runs)} run(s) in {index.parent}; open {index}")
 
     return cli.run("fastft-viz", body, errors=(VizError, ScoresError))

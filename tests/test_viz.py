@@ -28,7 +28,8 @@ def runs(tmp_path_factory, data_cache):
         "ft.pos": "none", "ft.neg": "none", "scores.untransformed": False})))
     train(load_config(None, tiny_overrides(root / "both", data_cache, **{"scores.flush_every": 2})))
     summary = json.loads((root / "plain" / "summary.json").read_text())
-    (root / "plain" / "summary.json").write_text(json.dumps({**summary, "knn_top1": KNN}))
+    (root / "plain" / "summary.json").write_text(json.dumps({**summary, "knn_top1": KNN, "knn_init_top1": 0.7,
+                                                             "knn_pixels_top1": 0.6}))
     with open(root / "both" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "linear", "step": 6, "epoch": 2, "top1": LINEAR, "encoder": "pretrained"}) + "\n")
         f.write(json.dumps({"kind": "linear", "step": 6, "epoch": 2, "top1": 0.5, "encoder": "random_init"}) + "\n")
@@ -62,12 +63,13 @@ def test_every_figure_is_written_and_not_blank(drawn):
 
 
 def test_the_expected_series_are_drawn(drawn):
-    # curves: pos mean, neg mean, neg variance x 2 runs, on the features used in the loss only.
+    # curves: every score series x 2 runs, on the features used in the loss only, and each run's training loss.
     got = ids(drawn / "curves.svg", "series")
-    assert len(got) == 6 and sorted({g.split(":")[1] for g in got}) == ["neg_mean", "neg_var", "pos_mean"]
-    # ft_effect: + the untransformed curves of the one run that logged them.
+    assert len(got) == 12 and sorted({g.split(":")[1] for g in got}) == [
+        "exp_neg_mean", "exp_pos_mean", "loss", "neg_mean", "neg_var", "pos_mean"]
+    # ft_effect: + the untransformed curves of the one run that logged them (no loss there).
     got = ids(drawn / "ft_effect.svg", "series")
-    assert len(got) == 9 and sum(g.endswith(":raw") for g in got) == 3
+    assert len(got) == 15 and sum(g.endswith(":raw") for g in got) == 5
     assert all(":1_both:" in g for g in got if g.endswith(":raw"))
     # One density curve per epoch and kind (2 epochs); the FT run also has the untransformed row.
     assert len(ids(drawn / "epochs_0_plain.svg", "epoch")) == 4
@@ -82,6 +84,25 @@ def test_legend_carries_each_runs_final_accuracy(drawn):
     assert "both (linear 90.3%)" in svg  # the pretrained encoder's probe, not the random-init baseline
     final = (drawn / "final.svg").read_text()
     assert "plain (kNN 81.2%), epoch 2" in final and "both (linear 90.3%), epoch 2" in final
+
+
+def test_panels_have_axis_labels_and_an_epoch_axis(drawn):
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", (drawn / "curves.svg").read_text())
+    for label in ("InfoNCE loss (nats)", "mean of q\u0302\u00b7k\u0302", "mean of q\u0302\u00b7n",
+                  "variance of q\u0302\u00b7n over K (unbiased)", "batch mean of exp(q\u0302\u00b7k\u0302 / T)",
+                  "batch mean of mean over K of exp(q\u0302\u00b7n / T)", "exp(pos / T)", "mean exp(neg / T)"):
+        assert label in texts, label
+    assert texts.count("iteration") == 6 and texts.count("epoch") == 6  # both x axes on all six panels
+
+
+def test_run_table_has_the_baselines(drawn):
+    page = (drawn / "index.html").read_text()
+    for head in ("kNN random init", "linear random init", "kNN pixels"):
+        assert f"<th>{head}</th>" in page
+    plain = re.search(r"<tr><td>plain</td>.*?</tr>", page).group(0)
+    assert re.findall(r"<td>([\d.]+%|-)</td>", plain) == ["81.2%", "-", "70.0%", "-", "60.0%"]
+    both = re.search(r"<tr><td>both</td>.*?</tr>", page).group(0)
+    assert re.findall(r"<td>([\d.]+%|-)</td>", both) == ["-", "90.3%", "-", "50.0%", "-"]
 
 
 def test_index_shows_every_figure_and_config(drawn):
@@ -114,3 +135,59 @@ def test_runs_with_different_bins_are_a_clear_error(tmp_path, runs, data_cache, 
     err = capsys.readouterr().err
     assert "logged scores with different bins" in err and "[-2, 3) in 100 bins" in err and "in 240 bins" in err
     assert not (tmp_path / "o" / "index.html").exists()
+
+
+def test_no_duplicate_panels_when_ft_leaves_the_positives_alone(tmp_path, data_cache):
+    run = tmp_path / "negonly"
+    train(load_config(None, tiny_overrides(run, data_cache, **{
+        "ft.pos": "none", "optim.epochs": 1, "run.steps_per_epoch": 2})))
+    assert viz_main([str(run), "--out", str(tmp_path / "o")]) == 0
+    effect = ids(tmp_path / "o" / "ft_effect.svg", "series")
+    raw = sorted(g.split(":")[1] for g in effect if g.endswith(":raw"))
+    assert raw == ["exp_neg_mean", "neg_mean", "neg_var"]  # the untransformed pos curves would repeat the others
+    epochs = ids(tmp_path / "o" / "epochs_0_negonly.svg", "epoch")
+    assert sorted({g.split(":")[1] + ":" + g.split(":")[2] for g in epochs}) == ["ft:neg", "ft:pos", "raw:neg"]
+    assert sorted(ids(tmp_path / "o" / "density_0_negonly.svg", "mean")) == [
+        "mean:ft:neg", "mean:ft:pos", "mean:raw:neg"]
+    assert "untransformed pos scores = those used in the loss" in (tmp_path / "o" / "density_0_negonly.svg").read_text()
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("sweep")
+    for m in (0.999, 0.9, 0.99):  # not in order: the figure orders them
+        train(load_config(None, tiny_overrides(root / f"m{m}", data_cache, **{
+            "model.momentum": m, "optim.epochs": 1, "run.steps_per_epoch": 3})))
+    return root
+
+
+def test_sweep_stacks_the_runs_along_the_one_key_they_differ_in(sweep_runs, tmp_path, capsys):
+    out = tmp_path / "o"
+    given = [str(sweep_runs / m) for m in ("m0.99", "m0.999", "m0.9")]
+    assert viz_main(given + ["--sweep", "--out", str(out)]) == 0
+    got = ids(out / "sweep.svg", "sweep")
+    assert len(got) == 9
+    stats = {g.split(":")[1] for g in got}
+    assert stats == {"pos_mean", "neg_mean", "neg_var"}
+    # Runs in the key's order, labelled by its value, on the sweep axis and in the page.
+    order = [g.split(":")[2] for g in got if g.split(":")[1] == "neg_var"]
+    assert order == ["0_momentum_0.9", "1_momentum_0.99", "2_momentum_0.999"]
+    svg = (out / "sweep.svg").read_text()
+    assert "model.momentum" in svg and "momentum=0.99" in svg
+    assert len(ids(out / "sweep_final.svg", "sweep_final")) == 6
+    page = (out / "index.html").read_text()
+    assert 'src="sweep.png"' in page and "stacked along model.momentum" in page
+
+
+def test_sweep_needs_one_differing_key(runs, sweep_runs, tmp_path, capsys):
+    assert viz_main([str(runs / "plain"), str(runs / "both"), "--sweep", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "differ in" in err and "ft.neg" in err and "--key" in err
+    assert viz_main([str(runs / "plain"), str(runs / "both"), "--sweep", "--key", "ft.neg",
+                     "--out", str(tmp_path / "o")]) == 0
+    assert viz_main([str(sweep_runs / "m0.9"), str(sweep_runs / "m0.9"), "--sweep", "--out",
+                     str(tmp_path / "o2")]) == 2
+    assert "same config" in capsys.readouterr().err
+    assert viz_main([str(sweep_runs / "m0.9"), str(sweep_runs / "m0.99"), "--sweep", "--key", "model.nope",
+                     "--out", str(tmp_path / "o3")]) == 2
+    assert "--key model.nope: not a key" in capsys.readouterr().err
