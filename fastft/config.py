@@ -51,8 +51,10 @@ class DataConfig:
 @dataclass
 class LoaderConfig:
     # torchvision: the reference (DataLoader workers). dali: extra `dali`, GPU decode on CUDA, CPU mode without.
-    # ffcv: extra `ffcv`, reads .beton files (fastft-convert-dataset). All yield the same (view1, view2, labels).
-    backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"
+    # ffcv: extra `ffcv`, reads .beton files (fastft-convert-dataset). nvjpeg: torch + torchvision only, batched
+    # JPEG decode (nvJPEG on CUDA) and crops on the device (pipelines/nvjpeg_loader.py). All yield the same
+    # (view1, view2, labels).
+    backend: Literal["torchvision", "dali", "ffcv", "nvjpeg"] = "torchvision"
     batch_size: int = bounded(256, 1)  # per process
     workers: int = bounded(8, 0, 256)
     aug: Literal["mocov1", "mocov2"] = "mocov2"
@@ -64,7 +66,7 @@ class LoaderConfig:
     # ffcv: folder of `<split>.beton` files (train.beton, val.beton) written by fastft-convert-dataset, relative
     # to the config file. "" = a built-in dataset is converted on first use into data.cache_dir.
     beton_dir: str = ""
-    # dali/ffcv: the executor of the steps after the crop (jitter, grayscale, blur, flip). numba: kernels on the
+    # dali/ffcv/nvjpeg: the executor of the steps after the crop (jitter, grayscale, blur, flip). numba: kernels on the
     # CPU, in the loader's threads (pipelines/color_numba.py); torch: batched tensor ops on the training device
     # (pipelines/batch_augment.py); auto: numba on the CPU when numba is installed, else torch; torch on a GPU
     # (pipelines/spec.py: color_executor). torchvision, the reference, runs its own PIL transforms: ignored.

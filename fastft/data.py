@@ -15,6 +15,7 @@ import torch
 from fastft.config import Config, resolve_path
 from fastft.pipelines import loader as loaders
 from fastft.pipelines.builtin import is_builtin
+from fastft.pipelines.imagefolder import dataset_root
 from fastft.pipelines.loader import available_backends
 from fastft.pipelines.spec import DataSpec, LoaderSpec
 
@@ -78,5 +79,11 @@ def linear_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: 
         return loaders.linear_loader(data_spec(cfg), spec, device, rank, world_size)
 
 
+def split_folder(cfg: Config, split: str):
+    """The ImageFolder of `split` (a built-in dataset is written on first use): for tools that read it directly."""
+    with _config_keys():
+        return dataset_root(cfg.data.path, cfg.data.cache_dir) / split
+
+
 __all__ = ["data_spec", "loader_spec", "pretrain_loader", "eval_loader", "linear_loader", "available_backends",
-           "is_builtin"]
+           "is_builtin", "split_folder"]

@@ -3,12 +3,16 @@
 MoCo v1 ("A"): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.4), RandomGrayscale 0.2, flip.
 MoCo v2 ("B", aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8,
 RandomGrayscale 0.2, GaussianBlur sigma 0.1-2 p 0.5, flip. The order of the steps is the order applied.
+The blur is MoCo's own: PIL's GaussianBlur with radius = sigma, in pixels of the cropped view (not
+torchvision's tensor GaussianBlur, 6x slower at 224 and truncated to its kernel size).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+from PIL import ImageFilter
 from torchvision import transforms as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,10 +53,27 @@ def crop_step(aug: str, min_scale: float = 0.0) -> Step:
     return crop if min_scale <= 0 else Step(crop.name, crop.p, {**crop.params, "scale": (min_scale, 1.0)})
 
 
-def blur_kernel_size(image_size: int) -> int:
-    """About 10% of the image side, odd, at least 3 (23 at 224, the usual choice)."""
-    k = int(0.1 * image_size)
-    return max(3, k + (k % 2 == 0))
+BLUR_SIGMA_MAX = 2.0  # the largest sigma of any recipe here (MoCo v2's 0.1-2)
+
+
+def blur_kernel_size(image_size: int, sigma_max: float = BLUR_SIGMA_MAX) -> int:
+    """Taps of the batched executors' Gaussian: +-3 sigma_max (13 for sigma 2), as PIL's blur reaches, at any
+    image size; at most 2 * image_size - 1 (reflect padding needs fewer than image_size on each side)."""
+    taps = 2 * math.ceil(3 * sigma_max) + 1
+    return max(1, min(taps, 2 * image_size - 1))
+
+
+class PILGaussianBlur:
+    """MoCo's GaussianBlur (moco/loader.py): PIL's ImageFilter.GaussianBlur, radius = sigma ~ U(sigma range).
+
+    sigma comes from torch's generator, as in torchvision's own transforms (seeded per DataLoader worker)."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        radius = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
 def _torchvision_step(step: Step, image_size: int) -> torch.nn.Module:
@@ -66,7 +87,7 @@ def _torchvision_step(step: Step, image_size: int) -> torch.nn.Module:
     if step.name == "color_jitter":
         t = T.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
     elif step.name == "gaussian_blur":
-        t = T.GaussianBlur(blur_kernel_size(image_size), sigma=p["sigma"])
+        t = PILGaussianBlur(p["sigma"])
     else:
         raise ValueError(f"unknown augmentation step {step.name!r}")
     return t if step.p >= 1.0 else T.RandomApply([t], p=step.p)

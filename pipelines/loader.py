@@ -94,6 +94,10 @@ def _fast_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.d
         from .dali_loader import DALILoader
 
         return DALILoader(_dataset(data, split, None), loader.batch_size, loader.workers, device, **kw)
+    if loader.backend == "nvjpeg":
+        from .nvjpeg_loader import NvJPEGLoader
+
+        return NvJPEGLoader(_dataset(data, split, None), loader.batch_size, loader.workers, device, **kw)
     from .ffcv_loader import FFCVLoader
 
     beton = beton_path(data, loader, split)

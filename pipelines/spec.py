@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("torchvision", "dali", "ffcv")
-# Where the colour steps of the dali and ffcv backends run (torchvision runs its own PIL transforms):
+BACKENDS = ("torchvision", "dali", "ffcv", "nvjpeg")
+# Where the colour steps of the dali, ffcv and nvjpeg backends run (torchvision runs its own PIL transforms):
 # numba kernels on the CPU (color_numba.py) or batched torch ops on the training device (batch_augment.py).
 COLOR_OPS = ("auto", "numba", "torch")
 

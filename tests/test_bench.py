@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,11 @@ def test_all_modes_on_the_builtin_digits(tmp_path, data_cache, capsys):
 
     tv = res["loader"]["backends"]["torchvision"]
     assert tv["images_per_s"] > 0 and tv["views_per_s"] == pytest.approx(2 * tv["images_per_s"])
+    # Always beside the outside baseline, MoCo's own DataLoader recipe, and quoted against it.
+    base = res["loader"]["backends"]["moco-recipe"]
+    assert res["loader"]["baseline"] == "moco-recipe" and res["loader"]["speedup"]["moco-recipe"] == 1.0
+    assert res["loader"]["speedup"]["torchvision"] == pytest.approx(tv["images_per_s"] / base["images_per_s"])
+    assert "x moco-recipe" in printed
 
     check_step_timing(res["model"], 8)
     check_step_timing(res["train"], 8)
@@ -157,7 +163,7 @@ def test_loader_mode_on_generated_jpegs_reads_them_through_every_backend(tmp_pat
 
     assert len(BetonInfo(jpegs / "betons" / "train.beton")) == 40
     backends = rec["results"]["loader"]["backends"]
-    assert set(backends) == set(available_backends())
+    assert set(backends) == set(available_backends()) | {"moco-recipe"}
     assert all(b["images_per_s"] > 0 and b["views_per_s"] == 2 * b["images_per_s"] for b in backends.values())
 
 
@@ -227,3 +233,26 @@ def test_verdict_names_the_slowest_part():
     loader = {"backends": {"torchvision": {"images_per_s": 40.0}}}
     assert verdict({"model": timing(100), "loader": loader})["bottleneck"] == "data"
     assert verdict({"kernel": kernel(1)})["bottleneck"] is None
+
+
+def test_the_baseline_is_mocos_recipe_with_nothing_of_fastft_in_its_path(tmp_path):
+    """moco_recipe imports torch, torchvision and PIL only, and blurs as MoCo does (PIL, radius = sigma)."""
+    import ast
+    from PIL import Image
+    from torchvision import datasets
+    from fastft.bench import moco_recipe
+    tree = ast.parse(open(moco_recipe.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "random", "pathlib", "typing", "torch", "torchvision", "PIL"}, imported
+    for k in range(2):
+        (tmp_path / f"c{k}").mkdir()
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            tmp_path / f"c{k}" / "a.jpg")
+    loader = moco_recipe.MocoRecipeLoader(tmp_path, 2, 0, 16, torch.device("cpu"))
+    assert type(loader.dataset) is datasets.ImageFolder
+    v1, v2, labels = next(iter(loader))
+    assert v1.shape == v2.shape == (2, 3, 16, 16) and sorted(labels.tolist()) == [0, 1]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    blurred = np.asarray(moco_recipe.GaussianBlur((2.0, 2.0))(noise), dtype=float)
+    assert blurred.std() < 0.5 * np.asarray(noise, dtype=float).std()  # radius 2 smooths noise a lot

@@ -166,4 +166,9 @@ def test_aug_specs_are_the_moco_recipes():
                                     "horizontal_flip"]
     assert v2[0].params["scale"] == (0.2, 1.0) and v2[1].p == 0.8 and v2[1].params["hue"] == 0.1
     assert v1[1].p == 1.0 and v1[1].params["hue"] == 0.4 and v1[2].p == 0.2 and v2[3].p == 0.5 and v2[3].params["sigma"] == (0.1, 2.0)
-    assert blur_kernel_size(224) == 23 and blur_kernel_size(16) == 3
+    # +-3 sigma of the largest sigma at any size (PIL's blur is not truncated to a share of the image), capped so
+    # that reflect padding fits the image.
+    assert blur_kernel_size(224) == blur_kernel_size(16) == 13 and blur_kernel_size(4) == 7
+    from fastft.pipelines.augment import PILGaussianBlur, _torchvision_step
+    ref = _torchvision_step(v2[3], 224)  # the reference is MoCo's own blur: PIL, radius = sigma
+    assert ref.p == 0.5 and isinstance(ref.transforms[0], PILGaussianBlur) and ref.transforms[0].sigma == (0.1, 2.0)

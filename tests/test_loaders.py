@@ -30,13 +30,15 @@ from fastft.pipelines.imagefolder import SubsetImageFolder
 from fastft.pipelines.photos import write_photo_folder
 from fastft.pipelines.torchvision_loader import TorchvisionLoader
 
-pytestmark = pytest.mark.skipif(set(available_backends()) != {"torchvision", "dali", "ffcv"},
+pytestmark = pytest.mark.skipif(set(available_backends()) != {"torchvision", "dali", "ffcv", "nvjpeg"},
                                 reason="needs the dali and ffcv extras (make install installs them)")
 CPU = torch.device("cpu")
 ALPHA = 1e-4
 # Loader variants checked against torchvision: each fast backend with each executor of the colour steps
 # (loader.color_ops): the numba kernels (the CPU default) and batched tensor ops (the GPU default).
-VARIANTS = ["dali-numba", "dali-torch", "ffcv-numba", "ffcv-torch"]
+# nvjpeg-numba is that backend's CPU default (uint8 antialiased resize per view, numba colour); nvjpeg-torch runs
+# its GPU path on the CPU (roi_align per image size, batched tensor colour ops).
+VARIANTS = ["dali-numba", "dali-torch", "ffcv-numba", "ffcv-torch", "nvjpeg-numba", "nvjpeg-torch"]
 
 JITTER = Step("color_jitter", p=1.0, params={"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1})
 FULL = Step("random_resized_crop", params={"scale": (1.0, 1.0), "ratio": (1.0, 1.0)})  # the whole square image
@@ -46,6 +48,8 @@ TEST_SPECS = {
     "t_color": (FULL, JITTER),
     "t_color_wide_hue": (FULL, Step("color_jitter", p=1.0, params={**JITTER.params, "hue": 0.2})),
     "t_gray": (FULL, Step("grayscale", p=0.2)),
+    "t_blur": (FULL, Step("gaussian_blur", p=1.0, params={"sigma": (0.1, 2.0)})),
+    "t_blur_narrow": (FULL, Step("gaussian_blur", p=1.0, params={"sigma": (0.1, 1.4)})),
 }
 
 
@@ -96,6 +100,7 @@ def datasets(tmp_path_factory):
         "coords": _write_folder(base / "coords", [_coord_image(240, 180) if i % 2 else _coord_image(180, 240)
                                                   for i in range(400)]),
         "tones": _write_folder(base / "tones", [_two_tone()] * 200),
+        "tones32": _write_folder(base / "tones32", [_two_tone(32)] * 200),  # views at 32: no resampling at all
         "photos": write_photo_folder(base / "photos", 48, size=(160, 120), classes=4),
     }
     out = {}
@@ -115,6 +120,12 @@ def make_loader(variant: str, data: tuple, aug: str, size: int, batch: int, *, r
             else tensor_transform(aug, size)
         ds = SubsetImageFolder(root, transform=TwoViews(transform))
         return TorchvisionLoader(ds, batch, 0, CPU, train=True, seed=seed, rank=rank, world_size=world)
+    if kind == "nvjpeg":
+        from fastft.pipelines.nvjpeg_loader import NvJPEGLoader
+
+        return NvJPEGLoader(SubsetImageFolder(root), batch, 2, CPU, train=True, aug=aug, image_size=size, seed=seed,
+                            rank=rank, world_size=world, color_ops=color or "auto", crop_scale_min=crop_scale_min,
+                            resize="roi_align" if color == "torch" else "interpolate")
     if kind == "dali":
         from fastft.pipelines.dali_loader import DALILoader
 
@@ -217,6 +228,17 @@ def tone_stats(x: np.ndarray) -> dict[str, np.ndarray]:
             "grey": (np.ptp(a, axis=1) < 2) & (np.ptp(b, axis=1) < 2)}
 
 
+def edge_width(x: np.ndarray) -> np.ndarray:
+    """Per view of a two-tone image: the spread (std, in pixels) of the luma step across its vertical edge;
+    about 0.3 unblurred, about sigma after a Gaussian blur."""
+    s = x.shape[1]
+    profile = (x[:, 2:-2, :, :] @ np.array([0.299, 0.587, 0.114])).mean(axis=1)  # [N, W]
+    d = np.abs(np.diff(profile, axis=1))
+    pos = np.arange(s - 1)[None, :]
+    centre = (d * pos).sum(1) / d.sum(1)
+    return np.sqrt((d * (pos - centre[:, None]) ** 2).sum(1) / d.sum(1))
+
+
 def photo_stats(x: np.ndarray) -> dict[str, np.ndarray]:
     """Brightness, contrast and colourfulness of each view, on 4x4-pooled pixels: resampling filters differ
     between backends (PIL's antialiased bilinear, DALI's, OpenCV's INTER_AREA in FFCV), and per-pixel detail
@@ -257,7 +279,7 @@ def reference_geometry(datasets):
     return good, wide
 
 
-@pytest.mark.parametrize("variant", VARIANTS[::2])  # geometry does not depend on where colour runs
+@pytest.mark.parametrize("variant", VARIANTS[::2] + ["nvjpeg-torch"])  # colour does not move the crop; resize can
 def test_crop_area_aspect_and_flip_match_torchvision(variant, datasets, reference_geometry):
     ref, wide = reference_geometry
     got = crop_stats(views(variant, "coords", "t_geom", 32, 1200, datasets))
@@ -269,7 +291,7 @@ def test_crop_area_aspect_and_flip_match_torchvision(variant, datasets, referenc
     assert stats.binomtest(int(got["flip"].sum()), len(got["flip"]), 0.5).pvalue > ALPHA
 
 
-@pytest.mark.parametrize("variant", ["torchvision", "dali-numba", "ffcv-numba"])
+@pytest.mark.parametrize("variant", ["torchvision", "dali-numba", "ffcv-numba", "nvjpeg-numba"])
 def test_crop_scale_min_reaches_every_backend(variant, datasets):
     """loader.crop_scale_min (here 0.6) replaces the recipe's 0.2 in every backend's crop."""
     got = crop_stats(collect(make_loader(variant, datasets["coords"], "t_geom", 32, 16, crop_scale_min=0.6), 300))
@@ -305,6 +327,16 @@ def test_grayscale_rate_matches_torchvision(variant, datasets):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_blur_matches_mocos_pil_blur(variant, datasets):
+    """The blur of every executor against MoCo's (PIL, radius = sigma ~ U(0.1, 2)), by the edge it leaves."""
+    ref = edge_width(views("torchvision", "tones32", "t_blur", 32, 600, datasets))
+    narrow = edge_width(views("torchvision", "tones32", "t_blur_narrow", 32, 600, datasets))
+    assert ks(ref, narrow) < 1e-6  # the test has power: sigma up to 1.4 instead of 2 is rejected
+    got = edge_width(views(variant, "tones32", "t_blur", 32, 600, datasets))
+    assert ks(got, ref) > ALPHA, f"edge spread: {np.percentile(got, [10, 50, 90])} vs {np.percentile(ref, [10, 50, 90])}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_full_mocov2_recipe_on_photos_matches_torchvision(variant, datasets):
     ref = photo_stats(views("torchvision", "photos", "mocov2", 48, 480, datasets))
     got = photo_stats(views(variant, "photos", "mocov2", 48, 480, datasets))
@@ -314,7 +346,7 @@ def test_full_mocov2_recipe_on_photos_matches_torchvision(variant, datasets):
 
 # ----------------------------------------------------------------------------------------------- sharding
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv-torch"])  # ffcv-torch: compiles faster
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv-torch", "nvjpeg"])  # ffcv-torch: compiles faster
 def test_two_ranks_see_every_sample_once_with_equal_batch_counts(backend, tmp_path):
     from fastft.pipelines.convert import convert
 
@@ -343,8 +375,8 @@ def test_two_ranks_see_every_sample_once_with_equal_batch_counts(backend, tmp_pa
             assert len(seen) == 36 and max(c.values()) <= 2
 
 
-@pytest.mark.parametrize("variant", ["dali-numba", "dali-torch"])
-def test_dali_epoch_depends_only_on_seed_and_epoch(variant, tmp_path):
+@pytest.mark.parametrize("variant", ["dali-numba", "dali-torch", "nvjpeg-numba", "nvjpeg-torch"])
+def test_dali_and_nvjpeg_epochs_depend_only_on_seed_and_epoch(variant, tmp_path):
     """A resumed run replays an epoch: crops and colour draws of both executors are seeded by (seed, epoch)."""
     root = write_photo_folder(tmp_path / "p", 24, size=(64, 48), classes=2)
     first = []

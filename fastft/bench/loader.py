@@ -1,5 +1,7 @@
 """Loader throughput, side by side: images/s (and images per CPU-second) of each installed backend's
-pretrain_loader on the config's data, no model; and the generated JPEGs (--synthetic-data) it can run on.
+pretrain_loader on the config's data, no model, against the outside baseline (moco_recipe.py: MoCo v2's own
+ImageFolder + DataLoader, with the same batch size and workers); and the generated JPEGs (--synthetic-data) it
+can run on.
 
 Each backend first runs one untimed pass (worker start-up, FFCV's numba compilation); then the backends take
 turns (A B C A B C ...), so that a slow spell of a shared machine hits all of them alike, and each turn times
@@ -19,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from fastft.config import Config
-from fastft.data import available_backends, is_builtin, pretrain_loader
+from fastft.data import available_backends, is_builtin, pretrain_loader, split_folder
 
+from . import moco_recipe
 from .timing import Settings, interleaved, loader_plan, progress
 
 
@@ -62,15 +65,19 @@ def _time_epoch(loader, epoch: int, warmup: int, batches: int) -> tuple[float, f
 
 def bench_loaders(cfg: Config, backends: Sequence[str] | None = None, *, batches: int = 8, warmup: int = 2,
                   repeats: int = 5, device: torch.device | None = None, bar=None) -> dict:
-    """{"backends": {name: {"images_per_s": median, "runs": [...], ...}}, "speedup": {name: x torchvision}, ...}.
+    """{"backends": {name: {"images_per_s": median, "runs": [...], ...}}, "speedup": {name: x baseline}, ...}.
 
-    `bar`: a tqdm bar, advanced once per timed pass ((repeats + 1) x len(backends) in all)."""
+    The baseline (moco_recipe.NAME) always runs too, first. `bar`: a tqdm bar, advanced once per timed pass
+    ((repeats + 1) x (len(backends) + 1) in all)."""
     backends = list(backends or available_backends())
     device = device or torch.device("cpu")
-    loaders = {}
+    loaders = {moco_recipe.NAME: moco_recipe.MocoRecipeLoader(split_folder(cfg, cfg.data.train_split),
+                                                              cfg.loader.batch_size, cfg.loader.workers,
+                                                              cfg.data.image_size, device)}
     for name in backends:
         loaders[name] = pretrain_loader(dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, backend=name)),
                                         device)
+    for name in loaders:
         need = warmup + batches
         if len(loaders[name]) < need:
             raise ValueError(f"{name}: an epoch has {len(loaders[name])} batches; the bench needs {need} (--warmup, "
@@ -82,12 +89,13 @@ def bench_loaders(cfg: Config, backends: Sequence[str] | None = None, *, batches
     per_cpu = {name: [rate_cpu for _, rate_cpu in v] for name, v in timed.items()}
     med = {name: statistics.median(v) for name, v in runs.items()}
     med_cpu = {name: statistics.median(v) for name, v in per_cpu.items()}
-    base, base_cpu = med.get("torchvision"), med_cpu.get("torchvision")
+    base, base_cpu = med[moco_recipe.NAME], med_cpu[moco_recipe.NAME]
     return {
+        "baseline": moco_recipe.NAME,
         "backends": {name: {"images_per_s": med[name], "views_per_s": 2 * med[name], "runs": runs[name],
-                            "images_per_cpu_s": med_cpu[name], "runs_per_cpu_s": per_cpu[name]} for name in backends},
-        "speedup": {name: med[name] / base for name in backends} if base else {},
-        "speedup_per_cpu_s": {name: med_cpu[name] / base_cpu for name in backends} if base_cpu else {},
+                            "images_per_cpu_s": med_cpu[name], "runs_per_cpu_s": per_cpu[name]} for name in loaders},
+        "speedup": {name: med[name] / base for name in loaders},
+        "speedup_per_cpu_s": {name: med_cpu[name] / base_cpu for name in loaders} if base_cpu == base_cpu else {},
         "batch_size": cfg.loader.batch_size, "workers": cfg.loader.workers, "image_size": cfg.data.image_size,
         "aug": cfg.loader.aug, "batches": batches, "warmup": warmup, "repeats": repeats, "device": str(device),
     }
@@ -100,7 +108,7 @@ def bench_loader(cfg: Config, device: torch.device, s: Settings, notes: list[str
         backends.remove("ffcv")  # it reads .beton files: none exist for this data without loader.beton_dir
         notes.append("loader: ffcv skipped (set loader.beton_dir to .beton files of this data)")
     warmup, steps = loader_plan(s, cfg.loader.workers)
-    with progress((s.repeats + 1) * len(backends), "loader") as bar:
+    with progress((s.repeats + 1) * (len(backends) + 1), "loader") as bar:
         return bench_loaders(cfg, backends, batches=steps, warmup=warmup, repeats=s.repeats, device=device, bar=bar)
 
 

@@ -41,7 +41,8 @@ def tables(results: dict) -> str:
             x = results["loader"]["speedup"].get(name, float("nan"))
             rows.append([name, f"{r['images_per_s']:.1f}", f"{r['views_per_s']:.1f}", f"{x:.2f}",
                          f"{r['images_per_cpu_s']:.1f}", _runs(r["runs"])])
-        out.append(_table(["loader backend", "images/s", "views/s", "x torchvision", "images per CPU-second",
+        out.append(_table(["loader backend", "images/s", "views/s", f"x {results['loader']['baseline']}",
+                           "images per CPU-second",
                            "runs (images/s)"], rows))
     if "model" in results:
         labels = {"model": "model-only (synthetic batch on the device)"}

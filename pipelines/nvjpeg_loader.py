@@ -1,0 +1,262 @@
+"""GPU decode with torch alone (`loader.backend: nvjpeg`): torchvision's nvJPEG decode, crops on the device.
+
+The product's claim is two augmented views made straight on the device, and the machines it is checked on
+carry torch, torchvision and triton only (no DALI, no FFCV). This backend needs nothing more:
+
+- DataLoader workers only read file bytes (and labels): no decode, no augmentation in the workers.
+- JPEGs are decoded in batches by `torchvision.io.decode_jpeg(list, device=...)`: nvJPEG on CUDA, libjpeg-turbo
+  through the same call on the CPU (so CI runs this very path). Other formats (PNG, ...) go through
+  `decode_image` on the CPU, per file.
+- RandomResizedCrop boxes are drawn on the host from the one augmentation spec (augment.py), vectorised as
+  torchvision's `RandomResizedCrop.get_params` draws them; both views of an image come from its one decode.
+  Cropping and resizing run on the device: on CUDA one `roi_align` per distinct image size (adaptive sampling
+  averages the source pixels under each output pixel, an antialiased downscale), on the CPU torch's uint8
+  antialiased bilinear resize per view (its vectorised CPU path; roi_align is 5x slower there).
+- The steps after the crop run in the executor of `loader.color_ops` (batch_augment.py on the device, or the
+  numba kernels on the CPU), then normalisation and channels-last: the loader interface of torchvision_loader.
+- The next batch is prepared in a background thread (on its own CUDA stream) while the consumer runs its step.
+
+Every random draw of batch b of epoch e comes from (seed, epoch, rank, b): a resumed epoch repeats exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import queue
+import threading
+import warnings
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+from . import batch_augment, color_numba
+from .augment import crop_step
+from .spec import color_executor
+
+# torchvision 0.29 marks its image codecs deprecated in favour of torchcodec, which the GPU check machines do not
+# carry; nvJPEG through torchvision is this backend's point. Silenced for exactly that message.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+                        category=DeprecationWarning)
+JPEG_MAGIC = b"\xff\xd8\xff"
+_TRIES = 10  # RandomResizedCrop.get_params' attempts before the central fallback crop
+
+
+class EncodedFiles(Dataset):
+    """(file bytes as a uint8 tensor, label) of a SubsetImageFolder's samples: what the workers do."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.samples = folder.samples
+        self.classes = folder.classes
+        self.root = folder.root
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            data = f.read()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+
+
+def collate_encoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64)
+
+
+# -- geometry -------------------------------------------------------------------------------------------------
+def crop_boxes(hw: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+               gen: torch.Generator) -> torch.Tensor:
+    """[N, 2] image (height, width) -> [N, 4] crop boxes (x1, y1, x2, y2) in pixels, drawn as torchvision's
+    RandomResizedCrop.get_params: up to 10 tries of (area share ~ U(scale), log aspect ~ U(log ratio)), the
+    first that fits; else the central crop at the aspect clamped to `ratio`. Then a uniform position."""
+    n = hw.shape[0]
+    h_img, w_img = hw[:, 0:1].double(), hw[:, 1:2].double()
+    area = h_img * w_img * (torch.rand(n, _TRIES, generator=gen, dtype=torch.float64) * (scale[1] - scale[0])
+                            + scale[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(torch.rand(n, _TRIES, generator=gen, dtype=torch.float64) * (log_hi - log_lo) + log_lo)
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    h_img, w_img = h_img.squeeze(1), w_img.squeeze(1)
+    shape_ratio = w_img / h_img  # the fallback: the whole image, cut to the nearest allowed aspect
+    fw = torch.where(shape_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img)
+    fh = torch.where(shape_ratio < ratio[0], torch.round(w_img / ratio[0]), h_img)
+    found = fits.any(dim=1)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    pos = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    y = torch.where(found, torch.floor(pos[:, 0] * (h_img - h + 1)), torch.floor((h_img - h) / 2))
+    x = torch.where(found, torch.floor(pos[:, 1] * (w_img - w + 1)), torch.floor((w_img - w) / 2))
+    return torch.stack([x, y, x + w, y + h], dim=1).float()
+
+
+def center_boxes(hw: torch.Tensor, size: int, crop_ratio: float) -> torch.Tensor:
+    """Resize(round(size / crop_ratio)) then CenterCrop(size), as boxes in the source's pixels."""
+    short = round(size / crop_ratio)
+    h, w = hw[:, 0].double(), hw[:, 1].double()
+    scale = short / torch.minimum(h, w)  # resized pixels per source pixel
+    rh, rw = torch.where(h <= w, torch.full_like(h, short), torch.floor(h * scale)), \
+        torch.where(w < h, torch.full_like(w, short), torch.floor(w * scale))
+    top, left = torch.round((rh - size) / 2), torch.round((rw - size) / 2)
+    sy, sx = h / rh, w / rw
+    return torch.stack([left * sx, top * sy, (left + size) * sx, (top + size) * sy], dim=1).float()
+
+
+# -- decode and resize ----------------------------------------------------------------------------------------
+def is_jpeg(data: torch.Tensor) -> bool:
+    return data.numel() >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
+
+
+def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Encoded files -> uint8 [3, H, W] RGB images on `device`; the JPEGs in one batched call."""
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
+    if jpegs:
+        decoded = decode_jpeg([datas[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        for i, img in zip(jpegs, decoded):
+            out[i] = img
+    for i, d in enumerate(datas):
+        if out[i] is None:
+            out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+    return out
+
+
+def resize_crops(images: list[torch.Tensor], boxes: torch.Tensor, owner: torch.Tensor, size: int,
+                 method: str) -> torch.Tensor:
+    """uint8 [V, size, size, 3] (NHWC): view v is box v of images[owner[v]], resized to size x size.
+
+    roi_align: one call per distinct image size, the boxes in pixel edges (aligned=True), adaptive sampling;
+    interpolate: per view, uint8 bilinear with antialias (the fast CPU path; PIL's filter, as torchvision)."""
+    device = images[0].device
+    out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8, device=device)
+    if method == "interpolate":
+        for v, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+            crop = images[int(owner[v])][:, y1:y2, x1:x2].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+            out[v] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False)[0].permute(1, 2, 0)
+        return out
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape[1:]), []).append(i)
+    owner_list = owner.tolist()
+    for members in groups.values():
+        stack = torch.stack([images[i] for i in members]).float()
+        slot = {img: k for k, img in enumerate(members)}
+        views = [v for v, o in enumerate(owner_list) if o in slot]
+        rois = torch.cat([torch.tensor([[slot[owner_list[v]]] for v in views], dtype=torch.float32),
+                          boxes[views]], dim=1).to(device)
+        res = roi_align(stack, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out[torch.tensor(views, device=device)] = res.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return out
+
+
+# -- the loader -----------------------------------------------------------------------------------------------
+class NvJPEGLoader:
+    """(view1, view2, labels) [train] or (images, labels) [eval] on `device`: the torchvision loader's interface."""
+
+    def __init__(self, dataset, batch_size: int, workers: int, device: torch.device, *, train: bool,
+                 aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
+                 crop_scale_min: float = 0.0, resize: str = "auto"):
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.root}: no images")
+        self.files = EncodedFiles(dataset)
+        self.dataset = dataset
+        self.batch_size, self.device, self.train = batch_size, device, train
+        self.aug, self.image_size, self.seed, self.rank = aug, image_size, seed, rank
+        self.crop = crop_step(aug, crop_scale_min).params
+        self.channels_last, self.eval_crop_ratio = channels_last, eval_crop_ratio
+        self.executor = color_executor(color_ops, device) if train else "torch"
+        self.resize = resize if resize != "auto" else ("roi_align" if device.type == "cuda" else "interpolate")
+        self.sampler = DistributedSampler(self.files, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=False) if train else None
+        # Workers only read bytes: they stay up across epochs (the sampler is iterated in this process).
+        self.loader = DataLoader(self.files, batch_size=batch_size, sampler=self.sampler, shuffle=False,
+                                 num_workers=workers, collate_fn=collate_encoded, drop_last=train,
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _seed(self, batch: int) -> int:
+        return (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1_000_033 + batch) % (2 ** 63)
+
+    def _interface(self, u8: torch.Tensor) -> torch.Tensor:
+        return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
+
+    def prepare(self, datas: list[torch.Tensor], labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+        """One batch of encoded files -> the interface's tensors on the device (what the background thread runs)."""
+        images = decode(datas, self.device)
+        hw = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
+        labels = labels.to(self.device, non_blocking=True)
+        n = len(images)
+        if not self.train:
+            boxes = center_boxes(hw, self.image_size, self.eval_crop_ratio)
+            u8 = resize_crops(images, boxes, torch.arange(n), self.image_size, self.resize)
+            return self._interface(u8), labels
+        gen = torch.Generator().manual_seed(self._seed(batch))
+        boxes = crop_boxes(hw.repeat(2, 1), self.crop["scale"], self.crop["ratio"], gen)  # view 1s, then view 2s
+        u8 = resize_crops(images, boxes, torch.arange(n).repeat(2), self.image_size, self.resize)
+        if self.executor == "numba":
+            color_numba.seed(self._seed(batch))
+            color_numba.augment_batch(u8.numpy(), self.aug, self.image_size)  # in place, numba threads
+            views = self._interface(u8)
+        else:
+            views = batch_augment.augment_uint8_nhwc(u8, self.aug, self.image_size, gen, self.channels_last)
+        return views[:n], views[n:], labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches prepared one ahead in a background thread (its own CUDA stream on a GPU)."""
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        batches = iter(self.loader)  # workers start here, in the main thread (never fork from a helper thread)
+
+        def produce() -> None:
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    for b, (datas, labels) in enumerate(batches):
+                        if stop.is_set():
+                            return
+                        out = self.prepare(datas, labels, b)
+                        event = stream.record_event() if stream is not None else None
+                        ready.put((out, event))
+                ready.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                ready.put(e)
+
+        thread = threading.Thread(target=produce, name="nvjpeg-loader", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                out, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for t in out:
+                        t.record_stream(current)
+                yield out
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
