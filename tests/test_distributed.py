@@ -74,6 +74,25 @@ def test_shuffle_bn_round_trip(two_rank_run):
     assert torch.equal(everything, torch.cat([r0["ids"], r1["ids"]]).float().sort().values)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_to_all_shuffle_equals_the_all_gather_shuffle(tmp_path, data_cache, world):
+    ov = tiny_overrides(tmp_path, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 3,
+                                                 "model.queue_size": 20})
+    run(torchrun(PROBE, "shuffle", str(tmp_path), *ov, nproc=world))
+    ranks = [torch.load(tmp_path / f"probe_shuffle_w{world}_rank{r}.pt", weights_only=False) for r in range(world)]
+    for r in ranks:
+        assert r["world"] == world
+        assert torch.equal(r["keys"]["shuffle"], r["keys"]["shuffle_gather"])  # bit-identical
+        assert r["keys"]["shuffle"].shape == (16, 128)
+        assert torch.equal(r["unshuffled"], r["ids"].float())  # the uneven split goes back where it came from
+        assert len(r["shuffled"]) == len(r["ids"])  # each rank encodes as many rows as it holds
+    history = ranks[0]["losses"]
+    assert len(history["shuffle"]) == 3 and history["shuffle"] == history["shuffle_gather"]
+    everything = torch.cat([r["shuffled"] for r in ranks]).sort().values
+    assert torch.equal(everything, torch.cat([r["ids"] for r in ranks]).float().sort().values)
+    assert not all(torch.equal(r["shuffled"], r["ids"].float()) for r in ranks)  # it did shuffle
+
+
 def test_ranks_see_disjoint_data_covering_the_epoch(two_rank_run):
     (r0, r1), _ = two_rank_run
     assert r0["n_batches"] == r1["n_batches"]
