@@ -248,7 +248,7 @@ def report(results: dict, cluster: Cluster, model_batch: int) -> str:
         rows.append(["shuffle-BN exchange, all of it", "", "", f"{shuffle_bytes(m) / 1e3:.1f}",
                      f"{shuffle_bytes(m) / img:.3f}", ""])
         step_ms = sum(m["step_ms"]) / len(m["step_ms"])
-        out.append(f"\nkey_bn: {key_bn} (step {step_ms:.0f} ms on this machine)\n" + _table(
+        out.append(f"\nkey_bn: {key_bn} (step {step_ms:.0f} ms on this machine)\n\n" + _table(
             ["collective: where", "calls/step", "KB per call", "KB received/step", "x image batch", "ms/step"], rows))
     rows = []
     scale = model_batch / results["batch"]
@@ -256,7 +256,7 @@ def report(results: dict, cluster: Cluster, model_batch: int) -> str:
         for c in as_collectives(m):
             rows.append([key_bn, c.label, c.law + (", per sample" if c.per_sample else ""),
                          *(f"{c.calls * c.bytes_at(w, scale) / 1e6:.2f}" for w in WORLDS)])
-    out.append(f"\nMB received per rank per step at {model_batch} images per GPU, by each collective's law\n"
+    out.append(f"\nMB received per rank per step at {model_batch} images per GPU, by each collective's law\n\n"
                + _table(["key_bn", "collective: where", "law", *(f"{w} GPUs" for w in WORLDS)], rows))
     rows = []
     for key_bn, m in results["key_bn"].items():
@@ -268,6 +268,6 @@ def report(results: dict, cluster: Cluster, model_batch: int) -> str:
                f"{cluster.images_per_s:.0f} images/s on one GPU, {cluster.gpus_per_node} GPUs per node on NVLink "
                f"({cluster.nvlink_bytes_per_s / 1e9:.0f} GB/s), {cluster.net_bytes_per_s / 1e9:.0f} GB/s per GPU "
                f"between nodes, DDP's gradient all-reduce overlapping backward ({cluster.backward_share:.0%} of the "
-               f"step)\n" + _table(["key_bn", "GPUs", "MB per rank per step", "exposed comm ms", "step ms",
+               f"step)\n\n" + _table(["key_bn", "GPUs", "MB per rank per step", "exposed comm ms", "step ms",
                                     "efficiency"], rows))
     return "\n".join(out)
