@@ -78,7 +78,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
         # Shuffle-BN: the keys' BN statistics must not come from their own queries' batch. Both ways encode the
-        # same rows on the same rank (fastft/distributed.py); all-to-all moves W - 1 times fewer images.
+        # same rows on the same rank (fastft/distributed.py); all-to-all moves W times fewer images.
         if self.key_bn == "shuffle":
             im_k, plan = shuffle_a2a(im_k)
             return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)
