@@ -84,8 +84,11 @@ class ModelConfig:
     queue_size: int = bounded(65536, 1)
     momentum: float = bounded(0.999, 0.0, 1.0)
     temperature: float = bounded(0.2, 0.0, None, lo_open=True)
-    # Key-encoder batch norm under DDP: MoCo's shuffle-BN, or SyncBN in both encoders (global-batch statistics).
-    key_bn: Literal["shuffle", "sync"] = "shuffle"
+    # Key-encoder batch norm under DDP (README, "Multi-GPU and multi-node"): MoCo's shuffle-BN by all-to-all
+    # (shuffle: about one local batch of images per rank per step at any world size), the same shuffle by
+    # all-gather as MoCo's code (shuffle_gather: W - 1 batches; the same keys), or SyncBN in both encoders
+    # (sync: global-batch statistics, ~160 small all-reduces per step).
+    key_bn: Literal["shuffle", "shuffle_gather", "sync"] = "shuffle"
 
 
 @dataclass

@@ -137,17 +137,24 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+def _draw_permutation(n: int, device: torch.device) -> torch.Tensor:
+    """One permutation of the global batch, drawn on rank 0 (from its torch RNG) and broadcast: both shuffle
+    paths draw it the same way, so they encode the same keys."""
+    perm = torch.randperm(n, device=device) if is_main() else torch.empty(n, dtype=torch.long, device=device)
+    dist.broadcast(perm, src=0)
+    return perm
+
+
 @torch.no_grad()
 def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoCo's shuffle-BN: gather the global batch, give each rank a random slice of it (permutation chosen on
-    rank 0 and broadcast), so a key's BN statistics are not those of its own query's batch. Returns this rank's
-    slice and the permutation that undoes it (for `batch_unshuffle`). Equal batch sizes on every rank."""
+    """MoCo's shuffle-BN by all-gather (`model.key_bn: shuffle_gather`): gather the global batch, give each rank
+    a random slice of it (permutation chosen on rank 0 and broadcast), so a key's BN statistics are not those of
+    its own query's batch. Returns this rank's slice and the permutation that undoes it (for `batch_unshuffle`).
+    Every rank receives the whole global batch: (W - 1) local batches per step. Equal batch sizes on every rank."""
     if not is_dist() or world_size() == 1:
         return x, torch.arange(x.shape[0], device=x.device)
     x_all = all_gather_cat(x)
-    perm = torch.randperm(x_all.shape[0], device=x.device) if is_main() else torch.empty(
-        x_all.shape[0], dtype=torch.long, device=x.device)
-    dist.broadcast(perm, src=0)
+    perm = _draw_permutation(x_all.shape[0], x.device)
     mine = perm.view(world_size(), -1)[rank()]
     return x_all[mine], torch.argsort(perm)
 
@@ -159,3 +166,75 @@ def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
         return x
     x_all = all_gather_cat(x)
     return x_all[unshuffle.view(world_size(), -1)[rank()]]
+
+
+@dataclass
+class ShufflePlan:
+    """Who sends which rows to whom in `shuffle_a2a`, and back in `unshuffle_a2a`.
+
+    The global batch is every rank's batch in rank order (sample g); `perm` lists it in shuffled order
+    (position j holds sample perm[j]), and rank d encodes positions [start_d, start_d + size_d): as many as it
+    holds, so the gather path's slices when the sizes are equal.
+    """
+    rows: torch.Tensor  # this rank's local rows to send, in position order (so grouped by destination rank)
+    send: list[int]  # how many of them go to each rank
+    recv: list[int]  # how many rows this rank's share receives from each rank
+    order: torch.Tensor  # where each received row (grouped by source rank) sits in this rank's share
+
+
+def shuffle_plan(perm: torch.Tensor, sizes: list[int], me: int) -> ShufflePlan:
+    """The exchange that gives rank `me` positions [start_me, start_me + sizes[me]) of `perm`, pure arithmetic
+    on the broadcast permutation (every rank computes every rank's view of it the same way)."""
+    ends = torch.tensor(sizes, device=perm.device).cumsum(0)
+    starts = ends - torch.tensor(sizes, device=perm.device)
+    owner = torch.searchsorted(ends, perm, right=True)  # the rank holding sample perm[j]
+    share = torch.searchsorted(ends, torch.arange(len(perm), device=perm.device), right=True)  # encoding rank of j
+    world = len(sizes)
+    outgoing = owner == me
+    rows = perm[outgoing] - starts[me]
+    send = torch.bincount(share[outgoing], minlength=world).tolist()
+    sources = owner[starts[me]:ends[me]]
+    recv = torch.bincount(sources, minlength=world).tolist()
+    order = torch.argsort(sources, stable=True)  # received rows come grouped by source, each group in j order
+    return ShufflePlan(rows, send, recv, order)
+
+
+def _empty_as(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows shaped and laid out as `x`'s (channels-last stays channels-last: the encoder must see the same
+    memory layout as on the gather path for its keys to be bit-identical)."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
+    return out
+
+
+@torch.no_grad()
+def shuffle_a2a(x: torch.Tensor) -> tuple[torch.Tensor, ShufflePlan | None]:
+    """Shuffle-BN by all-to-all (`model.key_bn: shuffle`): the same permutation and the same shares as
+    `batch_shuffle`, but each rank sends each of its rows only to the rank that encodes it, so a rank receives
+    about (W - 1) / W of one local batch per step at any world size, instead of W - 1 batches. Batch sizes may
+    differ between ranks (a last partial batch): each rank encodes as many rows as it holds."""
+    if not is_dist() or world_size() == 1:
+        return x, None
+    sizes = all_gather_cat(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    plan = shuffle_plan(_draw_permutation(sum(sizes), x.device), sizes, rank())
+    received = _exchange(x[plan.rows], plan.send, plan.recv)
+    mine = _empty_as(x, received.shape[0])
+    mine[plan.order] = received
+    return mine, plan
+
+
+@torch.no_grad()
+def unshuffle_a2a(x: torch.Tensor, plan: ShufflePlan | None) -> torch.Tensor:
+    """Inverse of `shuffle_a2a`: the outputs go back to the ranks (and rows) their inputs came from."""
+    if plan is None:
+        return x
+    received = _exchange(x[plan.order], plan.recv, plan.send)
+    out = _empty_as(x, received.shape[0])
+    out[plan.rows] = received
+    return out

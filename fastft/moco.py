@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastft.kernels import NegStats
 
 from .config import FTConfig, ModelConfig
-from .distributed import all_gather_cat, batch_shuffle, batch_unshuffle
+from .distributed import all_gather_cat, batch_shuffle, batch_unshuffle, shuffle_a2a, unshuffle_a2a
 from .encoder import Encoder
 from .feature_transform import FeatureTransform, FTDraw
 from .loss import Bins, TorchInfoNCE
@@ -47,7 +47,7 @@ class MoCo(nn.Module):
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
         self.ft = FeatureTransform(ft, ft_seed, ft_stream)  # stream: the rank, or 0 on all ranks when shared
-        self.shuffle_bn = cfg.key_bn == "shuffle"  # "sync": both encoders hold SyncBN (set up by the trainer)
+        self.key_bn = cfg.key_bn  # "sync": both encoders hold SyncBN (set up by the trainer)
         self.loss = loss if loss is not None else TorchInfoNCE()
 
         self.encoder_q = Encoder(cfg)
@@ -77,10 +77,15 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_bn:  # the keys' BN statistics must not come from their own queries' batch
+        # Shuffle-BN: the keys' BN statistics must not come from their own queries' batch. Both ways encode the
+        # same rows on the same rank (fastft/distributed.py); all-to-all moves W times fewer images.
+        if self.key_bn == "shuffle":
+            im_k, plan = shuffle_a2a(im_k)
+            return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)
+        if self.key_bn == "shuffle_gather":
             im_k, undo = batch_shuffle(im_k)
-        k = F.normalize(self.encoder_k(im_k), dim=1)
-        return batch_unshuffle(k, undo) if self.shuffle_bn else k
+            return batch_unshuffle(F.normalize(self.encoder_k(im_k), dim=1), undo)
+        return F.normalize(self.encoder_k(im_k), dim=1)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

@@ -59,6 +59,28 @@ def probe_equivalence(out: Path, overrides: list[str]) -> dict:
             "grads": {n: p.grad.clone() for n, p in trainer.model.encoder_q.named_parameters()}}
 
 
+def probe_shuffle(out: Path, overrides: list[str]) -> dict:
+    """Shuffle-BN by all-to-all against the all-gather path: the keys of one encode (same inputs, same
+    permutation draw), a short run's loss history under each, and an uneven split's round trip."""
+    from fastft.metrics import read_metrics
+
+    keys, losses = {}, {}
+    for key_bn in ("shuffle", "shuffle_gather"):
+        run_dir = out / key_bn
+        trainer = Trainer(load_config(None, overrides + [f"model.key_bn={key_bn}", f"run.out_dir={run_dir}"]))
+        g = torch.Generator().manual_seed(100 + D.rank())
+        x = torch.randn(16, 3, 8, 8, generator=g).to(memory_format=torch.channels_last)
+        torch.manual_seed(7)  # the permutation is drawn from rank 0's torch RNG
+        keys[key_bn] = trainer.model.encode_keys(x)
+        trainer.run()
+        D.barrier()
+        losses[key_bn] = [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    ids = torch.arange(3 + D.rank()) + 100 * D.rank()  # ranks hold 3, 4, 5, ... rows: an uneven split
+    shuffled, plan = D.shuffle_a2a(ids.float()[:, None])
+    return {"keys": keys, "losses": losses, "ids": ids, "shuffled": shuffled[:, 0],
+            "unshuffled": D.unshuffle_a2a(shuffled, plan)[:, 0], "world": D.world_size()}
+
+
 def probe_restart(out: Path, overrides: list[str]) -> dict:
     """Join the group, then (first attempt only) rank 1 dies. In the second attempt rank 1 joins late, so
     rank 0 reads rank 1's address before rank 1 has written the new one: the stale-address race, made certain."""
@@ -77,6 +99,6 @@ def probe_restart(out: Path, overrides: list[str]) -> dict:
 
 if __name__ == "__main__":
     mode, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    result = {"train": probe_train, "equivalence": probe_equivalence, "restart": probe_restart}[mode](out, overrides)
+    result = {"train": probe_train, "equivalence": probe_equivalence, "shuffle": probe_shuffle, "restart": probe_restart}[mode](out, overrides)
     torch.save(result, out / f"probe_{mode}_w{D.world_size()}_rank{D.rank()}.pt")
     D.cleanup()

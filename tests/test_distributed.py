@@ -74,6 +74,58 @@ def test_shuffle_bn_round_trip(two_rank_run):
     assert torch.equal(everything, torch.cat([r0["ids"], r1["ids"]]).float().sort().values)
 
 
+@pytest.mark.parametrize("sizes", [[4, 4], [5, 5, 5, 5], [3, 7, 1, 5], [6, 0, 2]])
+def test_shuffle_plan_gives_each_rank_its_slice_of_the_permutation(sizes):
+    """The all-to-all exchange simulated in one process: each rank receives exactly the samples of its share of
+    the permuted global batch, in order (the gather path's slice when sizes are equal), and they go back."""
+    from fastft.distributed import shuffle_plan
+
+    world, n = len(sizes), sum(sizes)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    starts = [sum(sizes[:r]) for r in range(world)]
+    local = [torch.arange(starts[r], starts[r] + sizes[r]) for r in range(world)]  # global sample ids
+    plans = [shuffle_plan(perm, sizes, r) for r in range(world)]
+
+    def all_to_all(chunks_of: list[torch.Tensor], send: list[list[int]]) -> list[torch.Tensor]:
+        split = [list(torch.split(chunks_of[r], send[r])) for r in range(world)]
+        return [torch.cat([split[src][dst] for src in range(world)]) for dst in range(world)]
+
+    received = all_to_all([local[r][plans[r].rows] for r in range(world)], [p.send for p in plans])
+    shares = []
+    for r, p in enumerate(plans):
+        assert len(received[r]) == sum(p.recv) == sizes[r]
+        share = torch.empty_like(received[r])
+        share[p.order] = received[r]
+        assert torch.equal(share, perm[starts[r]:starts[r] + sizes[r]])
+        shares.append(share)
+    if len(set(sizes)) == 1:  # the all-gather path's slices
+        assert torch.equal(torch.stack(shares), perm.view(world, -1))
+    back = all_to_all([shares[r][plans[r].order] for r in range(world)], [p.recv for p in plans])
+    for r, p in enumerate(plans):
+        out = torch.empty_like(back[r])
+        out[p.rows] = back[r]
+        assert torch.equal(out, local[r])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_all_to_all_shuffle_equals_the_all_gather_shuffle(tmp_path, data_cache, world):
+    ov = tiny_overrides(tmp_path, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 3,
+                                                 "model.queue_size": 20})
+    run(torchrun(PROBE, "shuffle", str(tmp_path), *ov, nproc=world))
+    ranks = [torch.load(tmp_path / f"probe_shuffle_w{world}_rank{r}.pt", weights_only=False) for r in range(world)]
+    for r in ranks:
+        assert r["world"] == world
+        assert torch.equal(r["keys"]["shuffle"], r["keys"]["shuffle_gather"])  # bit-identical
+        assert r["keys"]["shuffle"].shape == (16, 128)
+        assert torch.equal(r["unshuffled"], r["ids"].float())  # the uneven split goes back where it came from
+        assert len(r["shuffled"]) == len(r["ids"])  # each rank encodes as many rows as it holds
+    history = ranks[0]["losses"]
+    assert len(history["shuffle"]) == 3 and history["shuffle"] == history["shuffle_gather"]
+    everything = torch.cat([r["shuffled"] for r in ranks]).sort().values
+    assert torch.equal(everything, torch.cat([r["ids"] for r in ranks]).float().sort().values)
+    assert not all(torch.equal(r["shuffled"], r["ids"].float()) for r in ranks)  # it did shuffle
+
+
 def test_ranks_see_disjoint_data_covering_the_epoch(two_rank_run):
     (r0, r1), _ = two_rank_run
     assert r0["n_batches"] == r1["n_batches"]

@@ -4,6 +4,7 @@
     fastft-bench model  --config configs/in1k.yaml --device cuda loader.batch_size=256
     fastft-bench train  --config configs/in1k.yaml loader.batch_size=256 --synthetic-data 8192
     fastft-bench scores --config configs/demo.yaml --device cpu --threads 1
+    fastft-bench ddp    --config configs/demo.yaml --world 4
 
 Modes (an image is always two augmented views, through the query and the key encoder):
   loader  images/s of each installed loader backend on the config's data, alone (no model).
@@ -20,6 +21,9 @@ Modes (an image is always two augmented views, through the query and the key enc
   all     every mode above, then the verdict.
   scores  what score logging costs: training steps on --batches real batches held in memory with logging off,
           on, and on + untransformed, and the logging calls (observe + commit, flush) alone.
+  ddp     what a step sends between ranks: --world gloo processes on the CPU run the real step under each
+          model.key_bn; every collective's bytes (received per rank, from the tensors handed to it) and time,
+          per step, then the scaling model at 8, 64 and 256 GPUs (fastft/bench/ddp.py, scaling.py).
 Comparisons within one invocation run interleaved (A B A B ...), each candidate once untimed first; medians of
 --repeats are reported. Each timed run is --warmup untimed steps (or batches) then --steps timed ones; runs
 through a real loader (loader, train) round both up to whole waves of loader.workers, since each DataLoader
@@ -46,15 +50,18 @@ from fastft.cli import USER_ERRORS, parser, run
 from fastft.config import Config, ConfigError, load_config
 from fastft.device import pick_device
 
+from .ddp import KEY_BNS, bench_ddp
+from .ddp import report as ddp_report
 from .kernel import bench_kernel
 from .loader import bench_loader, with_synthetic_data
 from .report import describe, machine_info, report, verdict, versions
+from .scaling import Cluster
 from .scores import bench_scores
 from .step import HeldBatches, bench_model_train, bench_step, make_trainer
 from .timing import Settings
 
 ALL = ("loader", "model", "step", "train", "kernel")  # what `all` runs
-MODES = (*ALL, "all", "scores")
+MODES = (*ALL, "all", "scores", "ddp")
 PROG = "fastft-bench"
 
 
@@ -78,6 +85,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="generate N photo-like JPEGs (500x375) as the train split and use them as data.path: "
                          "the real decode + augment path where no dataset exists")
     ap.add_argument("--synthetic-dir", type=Path, help="where to write (and reuse) them (default: a temp folder)")
+    c = Cluster()
+    ap.add_argument("--world", type=int, default=4, help="ddp mode: gloo processes (default 4)")
+    ap.add_argument("--key-bn", default=",".join(KEY_BNS), help="ddp mode: model.key_bn choices to measure, "
+                                                                 f"comma-separated (default {','.join(KEY_BNS)})")
+    ap.add_argument("--model-batch", type=int, help="ddp mode: images per GPU in the scaling model (default: the "
+                                                    "measured loader.batch_size; per-sample bytes scale with it)")
+    ap.add_argument("--images-per-s", type=float, default=c.images_per_s,
+                    help=f"ddp mode: one GPU's training throughput in the model ({c.images_per_s:.0f})")
+    ap.add_argument("--net-gbs", type=float, default=c.net_bytes_per_s / 1e9,
+                    help=f"ddp mode: GB/s per GPU between nodes in the model ({c.net_bytes_per_s / 1e9:.0f})")
+    ap.add_argument("--nvlink-gbs", type=float, default=c.nvlink_bytes_per_s / 1e9,
+                    help=f"ddp mode: GB/s per GPU within a node ({c.nvlink_bytes_per_s / 1e9:.0f})")
+    ap.add_argument("--gpus-per-node", type=int, default=c.gpus_per_node,
+                    help=f"ddp mode: GPUs per node in the model ({c.gpus_per_node})")
     ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. loader.batch_size=256")
     args = ap.parse_intermixed_args(argv)
     for name in ("steps", "repeats", "kernel_iters", "batches"):
@@ -85,6 +106,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         ap.error("--warmup must be at least 0")
+    if args.mode == "ddp":
+        bad = [k for k in args.key_bn.split(",") if k not in KEY_BNS]
+        if bad:
+            ap.error(f"--key-bn: {bad[0]!r} is not a model.key_bn; valid: {', '.join(KEY_BNS)}")
+        if args.world < 2:
+            ap.error(f"--world {args.world}: ddp mode needs at least 2 processes")
+        if args.warmup < 1:
+            ap.error("--warmup must be at least 1 in ddp mode (DDP rebuilds its buckets after the first step)")
+        if args.device == "cuda":
+            ap.error("--device cuda: ddp mode runs gloo processes on the CPU")
+        for name in ("model_batch", "images_per_s", "net_gbs", "nvlink_gbs", "gpus_per_node"):
+            value = getattr(args, name)
+            if value is not None and value <= 0:
+                ap.error(f"--{name.replace('_', '-')} must be positive (got {value})")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be at least 1")
     return args
@@ -129,6 +164,9 @@ def run_bench(args: argparse.Namespace, tmp: Path) -> dict:
         results["kernel"] = bench_kernel(cfg, device, s, notes)
     if "scores" in modes:
         results["scores"] = bench_scores(cfg, device, s)
+    if "ddp" in modes:
+        results["ddp"] = bench_ddp(cfg, args.world, tuple(args.key_bn.split(",")), args.warmup, args.steps,
+                                   args.threads or 1)
     if "loader" in modes:  # last: DALI's and numba's (FFCV) threads outlive their loaders and would share the
         results["loader"] = bench_loader(cfg, device, s, notes)  # CPU with the training runs above
     return {
@@ -151,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fastft-bench-") as tmp:
             record = run_bench(args, Path(tmp))
         record["command"] = " ".join([PROG, *argv])
-        print(report(record))
+        if args.mode == "ddp":
+            cluster = Cluster(args.images_per_s, args.gpus_per_node, args.nvlink_gbs * 1e9, args.net_gbs * 1e9)
+            model_batch = args.model_batch or record["results"]["ddp"]["batch"]
+            record["scaling_model"] = {**dataclasses.asdict(cluster), "model_batch": model_batch}
+            print(report(record, ddp_report(record["results"]["ddp"], cluster, model_batch)))
+        else:
+            print(report(record))
         if args.json:
             write_json(args.json, record, indent=1)
             print(f"wrote {args.json}")

@@ -133,7 +133,8 @@ def describe(cfg: Config, device: torch.device, dtype: torch.dtype | None = None
             f"loader {cfg.loader.backend} x {cfg.loader.workers} workers, data {cfg.data.path}, device {device}")
 
 
-def report(record: dict) -> str:
+def report(record: dict, body: str | None = None) -> str:
+    """The header lines, then `body` (default: the tables and the verdict)."""
     m = record["machine"]
     lines = [f"# {record['command']}",
              f"# {record['date']}: {m['cpu']}, {m['cores']} cores (torch {m['torch_threads']} threads)"
@@ -141,9 +142,12 @@ def report(record: dict) -> str:
              + f"; load average {m['load_average_before']:.2f} before, {m['load_average_after']:.2f} after",
              f"# torch {record['versions']['torch']}, torchvision {record['versions']['torchvision']}, "
              f"triton {record['versions']['triton']}; {record['setup']}",
-             f"# medians of {record['settings']['repeats']} interleaved runs (each candidate once untimed first); runs "
-             f"through a real loader skip and time whole waves of its workers' batches; an image = two views",
-             "", tables(record["results"]), ""]
+             ""]
+    if body is not None:
+        return "\n".join([*lines, body])
+    lines[-1:-1] = [f"# medians of {record['settings']['repeats']} interleaved runs (each candidate once untimed first); "
+                    f"runs through a real loader skip and time whole waves of its workers' batches; an image = two views"]
+    lines += [tables(record["results"]), ""]
     lines += [f"note: {n}" for n in record["notes"]]
     lines.append(record["verdict"]["text"])
     return "\n".join(lines)
