@@ -25,6 +25,7 @@ import math
 import queue
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import torch
@@ -114,14 +115,35 @@ def is_jpeg(data: torch.Tensor) -> bool:
     return data.numel() >= 3 and bytes(data[:3].tolist()) == JPEG_MAGIC
 
 
-def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Encoded files -> uint8 [3, H, W] RGB images on `device`; the JPEGs in one batched call."""
+class Threads:
+    """A pool of CPU threads of one torch thread each, and how many there are."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pool = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,),
+                                       thread_name_prefix="nvjpeg-cpu")
+
+    def map(self, fn, items: list) -> tuple[list, list]:
+        """(parts, results): fn over `items` split into n interleaved parts, one per thread."""
+        parts = [items[i::self.n] for i in range(self.n) if items[i::self.n]]
+        return parts, list(self.pool.map(fn, parts))
+
+
+def _map(threads: Threads | None, fn, items: list) -> tuple[list, list]:
+    return threads.map(fn, items) if threads is not None else ([items], [fn(items)])
+
+
+def decode(datas: list[torch.Tensor], device: torch.device, threads: Threads | None = None
+           ) -> list[torch.Tensor]:
+    """Encoded files -> uint8 [3, H, W] RGB images on `device`; the JPEGs in one batched call (on the CPU, one per
+    thread of `threads`: libjpeg-turbo decodes one image at a time, and the call releases the GIL)."""
     out: list[torch.Tensor | None] = [None] * len(datas)
     jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
     if jpegs:
-        decoded = decode_jpeg([datas[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        for i, img in zip(jpegs, decoded):
-            out[i] = img
+        run = (lambda part: decode_jpeg([datas[i] for i in part], mode=ImageReadMode.RGB, device=device))
+        for part, decoded in zip(*_map(threads if device.type == "cpu" else None, run, jpegs)):
+            for i, img in zip(part, decoded):
+                out[i] = img
     for i, d in enumerate(datas):
         if out[i] is None:
             out[i] = decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
@@ -129,18 +151,24 @@ def decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
 
 
 def resize_crops(images: list[torch.Tensor], boxes: torch.Tensor, owner: torch.Tensor, size: int,
-                 method: str) -> torch.Tensor:
+                 method: str, threads: Threads | None = None) -> torch.Tensor:
     """uint8 [V, size, size, 3] (NHWC): view v is box v of images[owner[v]], resized to size x size.
 
     roi_align: one call per distinct image size, the boxes in pixel edges (aligned=True), adaptive sampling;
-    interpolate: per view, uint8 bilinear with antialias (the fast CPU path; PIL's filter, as torchvision)."""
+    interpolate: per view, uint8 bilinear with antialias (the fast CPU path; PIL's filter, as torchvision), the
+    views shared out over `threads`."""
     device = images[0].device
     out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8, device=device)
     if method == "interpolate":
-        for v, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
-            crop = images[int(owner[v])][:, y1:y2, x1:x2].unsqueeze(0).contiguous(memory_format=torch.channels_last)
-            out[v] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False)[0].permute(1, 2, 0)
+        box_list, owners = boxes.round().int().tolist(), owner.tolist()
+
+        def run(views: list[int]) -> None:
+            for v in views:
+                x1, y1, x2, y2 = box_list[v]
+                crop = images[owners[v]][:, y1:y2, x1:x2].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+                out[v] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False)[0].permute(1, 2, 0)  # each thread its own views
+        _map(threads, run, list(range(len(box_list))))
         return out
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
@@ -182,6 +210,10 @@ class NvJPEGLoader:
                                  num_workers=workers, collate_fn=collate_encoded, drop_last=train,
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         self.epoch = 0
+        # On the CPU, decode and resize run in this many threads of one torch thread each (their calls release
+        # the GIL; per-thread torch threads keep them from oversubscribing the cores).
+        n = torch.get_num_threads()
+        self.threads = Threads(n) if device.type == "cpu" and n > 1 else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -199,17 +231,17 @@ class NvJPEGLoader:
 
     def prepare(self, datas: list[torch.Tensor], labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
         """One batch of encoded files -> the interface's tensors on the device (what the background thread runs)."""
-        images = decode(datas, self.device)
+        images = decode(datas, self.device, self.threads)
         hw = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
         labels = labels.to(self.device, non_blocking=True)
         n = len(images)
         if not self.train:
             boxes = center_boxes(hw, self.image_size, self.eval_crop_ratio)
-            u8 = resize_crops(images, boxes, torch.arange(n), self.image_size, self.resize)
+            u8 = resize_crops(images, boxes, torch.arange(n), self.image_size, self.resize, self.threads)
             return self._interface(u8), labels
         gen = torch.Generator().manual_seed(self._seed(batch))
         boxes = crop_boxes(hw.repeat(2, 1), self.crop["scale"], self.crop["ratio"], gen)  # view 1s, then view 2s
-        u8 = resize_crops(images, boxes, torch.arange(n).repeat(2), self.image_size, self.resize)
+        u8 = resize_crops(images, boxes, torch.arange(n).repeat(2), self.image_size, self.resize, self.threads)
         if self.executor == "numba":
             color_numba.seed(self._seed(batch))
             color_numba.augment_batch(u8.numpy(), self.aug, self.image_size)  # in place, numba threads
