@@ -29,6 +29,8 @@ EARLIER = "earlier"  # checkpoints/earlier/: a previous run's checkpoints, set a
 RESUME_FREE_KEYS = {
     "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
     "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "data.cache_dir",
+    # What an unreadable image does: the policy only stops a run or not; what it trains on is the same.
+    "data.on_bad_image", "data.max_bad_fraction",
 }
 # Whole sections that only evaluate or log: the kNN monitor, score logging (fastft/score_stats.py checks its own
 # bins on resume) and the linear probe's settings.

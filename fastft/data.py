@@ -20,7 +20,7 @@ from fastft.pipelines.spec import DataSpec, LoaderSpec
 
 # The config key behind each spec field that a pipelines error can be about.
 _KEYS = {"path": "data.path", "class_list": "data.class_list", "backend": "loader.backend",
-         "beton_dir": "loader.beton_dir", "color_ops": "loader.color_ops"}
+         "beton_dir": "loader.beton_dir", "color_ops": "loader.color_ops", "on_bad_image": "data.on_bad_image"}
 
 
 def data_spec(cfg: Config) -> DataSpec:
@@ -32,7 +32,8 @@ def data_spec(cfg: Config) -> DataSpec:
             raise FileNotFoundError(f"data.class_list {cfg.data.class_list!r}: no such file "
                                     f"(looked beside {cfg.source or 'the working directory'})")
     return DataSpec(path=cfg.data.path, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
-                    class_list=class_list, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir)
+                    class_list=class_list, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
+                    on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def loader_spec(cfg: Config, **overrides) -> LoaderSpec:

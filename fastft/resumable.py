@@ -147,6 +147,17 @@ class ResumableRun:
             write_json(self.out_dir / name, record)
 
 
+def bad_images_record(loader) -> dict:
+    """An epoch record's count of unreadable images replaced since the last record (pipelines/bad_images.py),
+    summed over every rank, and the files first met ({} for a loader without the policy, e.g. synthetic)."""
+    bad = getattr(loader, "bad", None)
+    if bad is None:
+        return {}
+    per_rank = all_gather_objects(bad.take())
+    files = sorted({f for _, new in per_rank for f in new})
+    return {"bad_images": sum(n for n, _ in per_rank), **({"bad_files": files} if files else {})}
+
+
 def mean_loss(losses: torch.Tensor) -> float:
     """The mean of an epoch's per-step losses (kept on the device: no sync per step) over every rank."""
     return all_reduce_mean(losses.mean()).item()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .bad_images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
 WRITE_MODES = ("smart", "raw", "jpg", "proportion")
 META_FORMAT = "fastft-beton/1"  # the same string as ffcv_loader.META_FORMAT (which imports ffcv)
 
@@ -113,15 +113,12 @@ class _Images:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path = os.path.join(self.root, self.files[i])
         try:
-            with Image.open(path) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except Exception as e:  # PIL raises many types; the path and the reason are what the user needs
+            arr = np.asarray(load_rgb(path))  # the loaders' judge of what reads (bad_images.py)
+        except UnreadableImage as e:
             with open(os.path.join(self.log_dir, f"bad-{os.getpid()}.tsv"), "a") as log:
-                log.write(f"{i}\t{path}\t{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n")
+                log.write(f"{i}\t{path}\t{e.reason}\n")
             arr = np.zeros((1, 1, 3), dtype=np.uint8)
         return arr, self.labels[i]
 

@@ -1,11 +1,12 @@
-"""The ImageFolder side shared by the backends: dataset roots, class subsets, images that fail to decode."""
+"""The ImageFolder side shared by the backends: dataset roots, class subsets (images that fail to decode:
+bad_images.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .bad_images import load_rgb
 from .builtin import is_builtin, materialize
 from .spec import spec_error
 
@@ -27,16 +28,6 @@ def read_class_list(path: str | Path) -> list[str]:
     if not classes:
         raise ValueError(f"class list {path} is empty")
     return classes
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a file that is not an image, or is truncated, raises an error naming it."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except Exception as e:  # PIL raises several types; the path is what the user needs
-        raise RuntimeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 class SubsetImageFolder(ImageFolder):
