@@ -104,10 +104,11 @@ def newest_good(out_dir: str | Path) -> tuple[Path, dict] | None:
     return found
 
 
-def set_aside(path: Path, into: str, why: str = "") -> Path:
-    """Move checkpoint `path` into checkpoints/<into>/ (never over another file) and warn, naming both."""
-    folder = path.parent / into
-    folder.mkdir(exist_ok=True)
+def set_aside(path: Path, into: str, why: str = "", folder: Path | None = None) -> Path:
+    """Move checkpoint `path` into checkpoints/<into>/ (or `folder`; never over another file) and warn, naming
+    both."""
+    folder = folder or path.parent / into
+    folder.mkdir(parents=True, exist_ok=True)
     dest, n = folder / path.name, 0
     while dest.exists():
         n += 1

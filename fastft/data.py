@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from fastft.config import Config, resolve_path
+from fastft.config import Config, ConfigError, resolve_path
 from fastft.pipelines import loader as loaders
 from fastft.pipelines.builtin import is_builtin
 from fastft.pipelines.loader import available_backends
@@ -56,7 +56,8 @@ def _config_keys() -> Iterator[None]:
         field = getattr(e, "spec_field", None)
         if field not in _KEYS:
             raise
-        raise type(e)(_KEYS[field] + str(e).removeprefix(field)).with_traceback(e.__traceback__) from None
+        kind = ConfigError if isinstance(e, ValueError) else type(e)  # a bad value: one line from the commands
+        raise kind(_KEYS[field] + str(e).removeprefix(field)).with_traceback(e.__traceback__) from None
 
 
 def pretrain_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):

@@ -23,10 +23,15 @@ def dataset_root(path: str, cache_dir: str) -> Path:
 
 
 def read_class_list(path: str | Path) -> list[str]:
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    """Class folder names, one a line (# comments); an empty or non-UTF-8 file is a ValueError naming it."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise spec_error(ValueError, "class_list", f" {str(path)!r}: not UTF-8 text ({e.reason} at byte "
+                                                   f"{e.start}); save it as UTF-8") from None
     classes = [ln for ln in lines if ln and not ln.startswith("#")]
     if not classes:
-        raise ValueError(f"class list {path} is empty")
+        raise spec_error(ValueError, "class_list", f" {str(path)!r}: lists no class (one folder name a line)")
     return classes
 
 

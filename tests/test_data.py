@@ -167,3 +167,16 @@ def test_aug_specs_are_the_moco_recipes():
     assert v2[0].params["scale"] == (0.2, 1.0) and v2[1].p == 0.8 and v2[1].params["hue"] == 0.1
     assert v1[1].p == 1.0 and v1[1].params["hue"] == 0.4 and v1[2].p == 0.2 and v2[3].p == 0.5 and v2[3].params["sigma"] == (0.1, 2.0)
     assert blur_kernel_size(224) == 23 and blur_kernel_size(16) == 3
+
+
+@pytest.mark.parametrize("content,why", [(b"# only a comment\n", "lists no class"),
+                                         (b"n01440764\n\xff\xfe\n", "not UTF-8 text")])
+def test_a_bad_class_list_is_one_line_and_exit_2(tmp_path, data_cache, capsys, content, why):
+    from fastft import train
+
+    (tmp_path / "classes.txt").write_bytes(content)
+    argv = ["configs/demo.yaml"] + tiny_overrides(tmp_path, data_cache, **{"data.class_list": tmp_path / "classes.txt"})
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fastft-train: error: data.class_list '{tmp_path / 'classes.txt'}': {why}"), err
