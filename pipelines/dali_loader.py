@@ -207,7 +207,7 @@ def readable_samples(dataset, workers: int) -> tuple[list[tuple[str, int]], dict
 
 
 def undecodable_message(candidates: list[str], dali_error: str) -> str:
-    from .imagefolder import load_rgb
+    from .bad_images import load_rgb
 
     for path in candidates:
         try:

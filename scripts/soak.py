@@ -5,10 +5,10 @@ exactly where an uninterrupted run ends, with no trace of the kills?
     python scripts/soak.py --kills 3 --torchrun            # 2 torchrun workers, one killed 3 times (--max-restarts)
     python scripts/soak.py --kills 5 -- optim.epochs=8     # extra key=value overrides for both runs
 
-A short CPU training (configs/demo.yaml made tiny: ResNet-18 small stem at 8x8, 3 steps per epoch, a checkpoint
+A short CPU training (configs/demo.yaml made tiny: ResNet-18 small stem at 8x8, 12 epochs of 3 steps, a checkpoint
 every epoch, score logging on) runs once uninterrupted. Then the same run, in another folder, is killed with
 SIGKILL: every other kill lands inside a checkpoint write (the moment a temp file of the attempt appears), the
-others at a random moment of the time the run still needs. Alone, each killed attempt is restarted with the same
+others at a random moment (drawn so that the kills spread over the whole run). Alone, each killed attempt is restarted with the same
 command; under --torchrun the job runs with --max-restarts KILLS and torchrun restarts the workers after each
 kill of one of them (a random rank; rank 0, the writer, for the checkpoint-write kills). After the last kill it
 runs to the end. Then, between the two runs:
@@ -45,7 +45,7 @@ from fastft.pipelines.stale import writer_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data.image_size": 8, "loader.batch_size": 16, "loader.workers": 0, "model.arch": "resnet18",
-        "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9, "optim.epochs": 6,
+        "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9, "optim.epochs": 12,
         "optim.lr": 0.06, "run.steps_per_epoch": 3, "run.device": "cpu", "run.progress": False,
         "run.tensorboard": False, "knn.every": 0, "run.log_every": 1, "run.ckpt_every": 1, "run.keep_ckpts": 2}
 TIMING = {"images_per_s"}  # metrics keys that measure time, not training
@@ -103,6 +103,13 @@ class Timing:
     startup: float  # launch to the first step's record
     per_epoch: float
 
+    def window(self, epochs_left: int, kills_left: int) -> float:
+        """The span a random kill is drawn from: the kills left share the epochs left, so they land all along the
+        run (not all in its last epoch), and an attempt never has the time to finish while kills are left."""
+        random_kills = max(1, (kills_left + 1) // 2)
+        share = max(1.5, 2 * epochs_left / random_kills)  # about an epoch of progress per kill, on average
+        return self.startup + self.per_epoch * min(epochs_left - 0.3, share)
+
 
 def straight(out: Path, cache: str, extra: list[str], nproc: int) -> Timing:
     """The uninterrupted run, timed."""
@@ -155,8 +162,8 @@ def soak_alone(out: Path, cache: str, extra: list[str], kills: int, timing: Timi
         proc = start(cmd, out.with_suffix(".log"))
         if len(result.kills) < kills:
             in_write = len(result.kills) % 2 == 1
-            remaining = timing.startup + (epochs - epochs_done(out)) * timing.per_epoch
-            delay = None if in_write else rng.uniform(0.0, 0.9 * remaining)
+            delay = None if in_write else rng.uniform(0.0, timing.window(epochs - epochs_done(out),
+                                                                         kills - len(result.kills)))
             how = wait_and_kill(lambda: proc.pid, proc, delay, out)
             proc.wait()
             if how is not None:
@@ -195,9 +202,9 @@ def soak_torchrun(out: Path, cache: str, extra: list[str], kills: int, timing: T
 
     while len(result.kills) < kills and proc.poll() is None:
         in_write = len(result.kills) % 2 == 1
-        remaining = timing.startup + (epochs - epochs_done(out)) * timing.per_epoch
         rank_ = 0 if in_write else rng.randrange(2)
-        how = wait_and_kill(worker(rank_), proc, None if in_write else rng.uniform(0.0, 0.9 * remaining), out)
+        delay = rng.uniform(0.0, timing.window(epochs - epochs_done(out), kills - len(result.kills)))
+        how = wait_and_kill(worker(rank_), proc, None if in_write else delay, out)
         if how is None:
             break
         result.kills.append(f"rank {rank_} {how}")
