@@ -105,7 +105,7 @@ def _fast_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.d
     from .ffcv_loader import FFCVLoader
 
     beton = beton_path(data, loader, split)
-    ffcv = FFCVLoader(beton, loader.batch_size, loader.workers, device, **kw)
+    ffcv = FFCVLoader(beton, loader.batch_size, loader.workers, device, bad_images=bad_image_policy(data), **kw)
     _check_classes(data, ffcv.dataset.classes, beton)
     return ffcv
 

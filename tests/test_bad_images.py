@@ -1,5 +1,6 @@
 """Unreadable images (corrupt, truncated, not an image, zero bytes) under both policies of data.on_bad_image, for
-pretraining, kNN and the linear probe, on every backend installed here: skip finishes with the file named and
+pretraining, kNN and the linear probe, on every backend installed here (FFCV: files its converter skipped):
+skip finishes with the file named and
 counted, error exits 2 with one line naming it, never a traceback. And fastft-check-dataset, which lists them."""
 import io
 import json
@@ -137,3 +138,24 @@ def test_check_dataset_lists_every_unreadable_file(tmp_path, capsys):
     assert check_cli.main([str(tmp_path / "data")]) == 0
     assert check_cli.main([str(tmp_path / "nowhere")]) == 2
     assert "fastft-check-dataset: error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("ffcv" not in available_backends(), reason="the ffcv extra is not installed")
+def test_ffcv_holds_files_the_converter_skipped_to_the_policy(tmp_path):
+    import torch
+
+    from fastft.pipelines.convert import convert
+    from fastft.pipelines.ffcv_loader import FFCVLoader
+
+    bad = image_folder(tmp_path / "data", "truncated")
+    beton = tmp_path / "train.beton"
+    convert(str(tmp_path / "data" / "train"), beton, num_workers=1, skip_bad=True)
+    make = lambda policy, fraction=0.1: FFCVLoader(beton, 8, 1, torch.device("cpu"), train=False, image_size=8,
+                                                   bad_images=BadImagePolicy(policy, fraction))
+    with pytest.raises(BadImageError, match=f"unreadable image {bad} "):
+        make("error")
+    loader = make("skip")
+    images, _ = next(iter(loader))
+    assert images.shape == (8, 3, 8, 8) and loader.bad.take() == (1, [str(bad)])
+    with pytest.raises(BadImageError, match="1 of the 16 images read"):
+        next(iter(make("skip", 0.01)))
