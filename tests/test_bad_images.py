@@ -1,7 +1,7 @@
 """Unreadable images (corrupt, truncated, not an image, zero bytes) under both policies of data.on_bad_image, for
-pretraining, kNN and the linear probe, on every backend installed here (FFCV: files its converter skipped):
-skip finishes with the file named and
-counted, error exits 2 with one line naming it, never a traceback. And fastft-check-dataset, which lists them."""
+pretraining, kNN and the linear probe, on every backend installed here (FFCV: files its converter skipped): skip
+finishes with the file named and counted, error exits 2 with one line naming it, never a traceback. And
+fastft-check-dataset, which lists them."""
 import io
 import json
 from pathlib import Path
