@@ -13,10 +13,13 @@ none.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from PIL import Image
@@ -42,8 +45,7 @@ def load_rgb(path: str, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open an image as RGB, fully decoded; a file that is not an image, or is truncated, raises UnreadableImage.
     `draft`: let JPEG decode at a reduced scale (still reading every byte: truncation is still found)."""
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
+        with Image.open(path) as img:  # by path: PIL's errors then name it, not a file object
             if draft is not None:
                 img.draft("RGB", draft)
             return img.convert("RGB")
@@ -69,6 +71,26 @@ def find_bad(paths: Iterable[str], workers: int = 0) -> list[tuple[str, str]]:
     with ThreadPoolExecutor(max(1, workers)) as pool:
         reasons = list(pool.map(check_image, paths, chunksize=64))
     return [(p, why) for p, why in zip(paths, reasons) if why is not None]
+
+
+def find_bad_cached(paths: list[str], workers: int, cache_dir: str | Path) -> dict[str, str]:
+    """find_bad's answer as {path: reason}, remembered in `cache_dir`/image-checks/ under a fingerprint of every
+    file's (path, size, mtime): a run over the same files does not decode them again; any change checks anew."""
+    digest = hashlib.sha1()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    cache = Path(cache_dir).expanduser() / "image-checks" / f"{digest.hexdigest()}.json"
+    try:
+        return json.loads(cache.read_text())["unreadable"]
+    except (OSError, ValueError, KeyError):
+        pass
+    unreadable = dict(find_bad(paths, workers))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")  # whole or absent; a killed writer's: stale.py
+    tmp.write_text(json.dumps({"files": len(paths), "unreadable": unreadable}))
+    os.replace(tmp, cache)
+    return unreadable
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ the device.
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterator
 
 import numpy as np
@@ -27,7 +26,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import batch_augment, color_numba
 from .augment import IMAGENET_MEAN, IMAGENET_STD, crop_step
-from .bad_images import BadImageError, BadImagePolicy, BadImages, find_bad
+from .bad_images import BadImageError, BadImagePolicy, BadImages, find_bad_cached
 from .spec import color_executor
 
 MEAN255 = [255 * m for m in IMAGENET_MEAN]
@@ -78,11 +77,12 @@ class DALILoader:
     def __init__(self, dataset, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
-                 crop_scale_min: float = 0.0, bad_images: BadImagePolicy = BadImagePolicy()):
+                 crop_scale_min: float = 0.0, bad_images: BadImagePolicy = BadImagePolicy(),
+                 cache_dir: str = "~/.cache/fastft"):
         self.dataset = dataset  # a SubsetImageFolder: .samples (path, label), .classes
         if len(dataset) == 0:
             raise ValueError(f"{dataset.root}: no images")
-        self.samples, self.unreadable = readable_samples(dataset, workers)
+        self.samples, self.unreadable = readable_samples(dataset, workers, cache_dir)
         self.bad = BadImages(bad_images, math.ceil(len(dataset) / world_size) if train else len(dataset),
                              str(dataset.root))
         if bad_images.on_bad == "error":
@@ -176,27 +176,16 @@ class DALILoader:
             raise RuntimeError(undecodable_message(window, str(e))) from None
 
 
-_checked: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> why unreadable: once a process
-
-
-def readable_samples(dataset, workers: int) -> tuple[list[tuple[str, int]], dict[str, str]]:
+def readable_samples(dataset, workers: int, cache_dir: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
     """The dataset's (path, label) samples with each unreadable file replaced by the next one that reads (so the
     epoch keeps its length and order), and the unreadable files with the reason.
 
     DALI cannot leave a file out once a batch is under way, so the files are checked before the graph is built,
-    with the judge of every backend (bad_images.find_bad); each file once per process (a kNN run every epoch
-    does not check again).
+    with the judge of every backend, and the answer is kept in `cache_dir` for the same files
+    (bad_images.find_bad_cached): a resumed run, or the kNN monitor every epoch, does not check again.
     """
     samples = list(dataset.samples)
-    keys = []
-    for path, _ in samples:
-        st = os.stat(path)
-        keys.append((path, st.st_size, st.st_mtime_ns))
-    todo = [k for k in keys if k not in _checked]
-    if todo:
-        found = dict(find_bad([k[0] for k in todo], max(1, workers)))
-        _checked.update({k: found.get(k[0]) for k in todo})
-    unreadable = {k[0]: _checked[k] for k in keys if _checked[k] is not None}
+    unreadable = find_bad_cached([p for p, _ in samples], max(1, workers), cache_dir)
     if len(unreadable) == len(samples):
         raise BadImageError(f"no image of {dataset.root} can be read (first: {samples[0][0]})")
     n = len(samples)

@@ -101,7 +101,7 @@ def _fast_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.d
         from .dali_loader import DALILoader
 
         return DALILoader(_dataset(data, split, None), loader.batch_size, loader.workers, device,
-                          bad_images=bad_image_policy(data), **kw)
+                          bad_images=bad_image_policy(data), cache_dir=data.cache_dir, **kw)
     from .ffcv_loader import FFCVLoader
 
     beton = beton_path(data, loader, split)
