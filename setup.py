@@ -34,6 +34,7 @@ setup(
             "fastft-train=fastft.train:main",
             "fastft-viz=fastft.viz:main",
             "fastft-convert-dataset=fastft.pipelines.convert_cli:main",
+            "fastft-check-dataset=fastft.pipelines.check_cli:main",
             "fastft-linear=fastft.linear:main",
             "fastft-knn=fastft.knn_cli:main",
             "fastft-export=fastft.export:main",

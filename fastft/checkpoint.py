@@ -29,6 +29,8 @@ EARLIER = "earlier"  # checkpoints/earlier/: a previous run's checkpoints, set a
 RESUME_FREE_KEYS = {
     "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
     "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "data.cache_dir",
+    # What an unreadable image does: the policy only stops a run or not; what it trains on is the same.
+    "data.on_bad_image", "data.max_bad_fraction",
 }
 # Whole sections that only evaluate or log: the kNN monitor, score logging (fastft/score_stats.py checks its own
 # bins on resume) and the linear probe's settings.
@@ -102,10 +104,11 @@ def newest_good(out_dir: str | Path) -> tuple[Path, dict] | None:
     return found
 
 
-def set_aside(path: Path, into: str, why: str = "") -> Path:
-    """Move checkpoint `path` into checkpoints/<into>/ (never over another file) and warn, naming both."""
-    folder = path.parent / into
-    folder.mkdir(exist_ok=True)
+def set_aside(path: Path, into: str, why: str = "", folder: Path | None = None) -> Path:
+    """Move checkpoint `path` into checkpoints/<into>/ (or `folder`; never over another file) and warn, naming
+    both."""
+    folder = folder or path.parent / into
+    folder.mkdir(parents=True, exist_ok=True)
     dest, n = folder / path.name, 0
     while dest.exists():
         n += 1

@@ -9,9 +9,10 @@ from typing import Callable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .distributed import cleanup
+from .pipelines.bad_images import BadImageError
 
-# Mistakes in what the user asked for: reported in one line, never as a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+# Mistakes in what the user asked for (or in the data it points to): reported in one line, never as a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, BadImageError)
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:

@@ -46,6 +46,11 @@ class DataConfig:
     image_size: int = bounded(224, 8, 4096)
     # Where built-in datasets are materialised as ImageFolder trees.
     cache_dir: str = "~/.cache/fastft"
+    # An unreadable image (corrupt, truncated, not an image, empty): skip = named once in a warning, replaced by
+    # the next image that reads, counted in the epoch's record (bad_images); error = stop with one line naming it.
+    # More unreadable images than max_bad_fraction of those read stops either way (pipelines/bad_images.py).
+    on_bad_image: Literal["skip", "error"] = "skip"
+    max_bad_fraction: float = bounded(0.01, 0.0, 1.0)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from fastft.config import Config, resolve_path
+from fastft.config import Config, ConfigError, resolve_path
 from fastft.pipelines import loader as loaders
 from fastft.pipelines.builtin import is_builtin
 from fastft.pipelines.imagefolder import dataset_root
@@ -21,7 +21,7 @@ from fastft.pipelines.spec import DataSpec, LoaderSpec
 
 # The config key behind each spec field that a pipelines error can be about.
 _KEYS = {"path": "data.path", "class_list": "data.class_list", "backend": "loader.backend",
-         "beton_dir": "loader.beton_dir", "color_ops": "loader.color_ops"}
+         "beton_dir": "loader.beton_dir", "color_ops": "loader.color_ops", "on_bad_image": "data.on_bad_image"}
 
 
 def data_spec(cfg: Config) -> DataSpec:
@@ -33,7 +33,8 @@ def data_spec(cfg: Config) -> DataSpec:
             raise FileNotFoundError(f"data.class_list {cfg.data.class_list!r}: no such file "
                                     f"(looked beside {cfg.source or 'the working directory'})")
     return DataSpec(path=cfg.data.path, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
-                    class_list=class_list, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir)
+                    class_list=class_list, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
+                    on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def loader_spec(cfg: Config, **overrides) -> LoaderSpec:
@@ -56,7 +57,8 @@ def _config_keys() -> Iterator[None]:
         field = getattr(e, "spec_field", None)
         if field not in _KEYS:
             raise
-        raise type(e)(_KEYS[field] + str(e).removeprefix(field)).with_traceback(e.__traceback__) from None
+        kind = ConfigError if isinstance(e, ValueError) else type(e)  # a bad value: one line from the commands
+        raise kind(_KEYS[field] + str(e).removeprefix(field)).with_traceback(e.__traceback__) from None
 
 
 def pretrain_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):

@@ -53,6 +53,7 @@ class KnnResult:
     top1: float
     n_train: int
     n_val: int
+    bad_images: int = 0  # unreadable images replaced by others (data.on_bad_image = skip)
 
 
 def knn_features(encode: Callable[[torch.Tensor], torch.Tensor], cfg: Config, device: torch.device,
@@ -61,9 +62,11 @@ def knn_features(encode: Callable[[torch.Tensor], torch.Tensor], cfg: Config, de
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         train_loader = eval_loader(cfg, cfg.data.train_split, device)
         tf, tl = extract_features(encode, train_loader)
-        vf, vl = extract_features(encode, eval_loader(cfg, cfg.data.val_split, device))
+        val_loader = eval_loader(cfg, cfg.data.val_split, device)
+        vf, vl = extract_features(encode, val_loader)
     num_classes = len(train_loader.dataset.classes)
-    return KnnResult(knn_top1(tf, tl, vf, vl, num_classes, cfg.knn.k, cfg.knn.temperature), len(tl), len(vl))
+    bad = sum(loader.bad.take()[0] for loader in (train_loader, val_loader) if hasattr(loader, "bad"))
+    return KnnResult(knn_top1(tf, tl, vf, vl, num_classes, cfg.knn.k, cfg.knn.temperature), len(tl), len(vl), bad)
 
 
 def evaluate_knn(model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             what = backbone.info.describe()
         res = knn_features(encode, cfg, device, dtype)
         print(f"kNN top-1 on {cfg.data.val_split} (k {cfg.knn.k}, T {cfg.knn.temperature}; {res.n_train} train / "
-              f"{res.n_val} val images): {res.top1:.4f}  [{what}]")
+              f"{res.n_val} val images): {res.top1:.4f}  [{what}]"
+              + (f"; {res.bad_images} unreadable image(s) replaced" if res.bad_images else ""))
 
     return cli.run("fastft-knn", body)
 

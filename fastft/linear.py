@@ -42,7 +42,7 @@ from .distributed import is_main, rank, setup, world_size
 from .knn import knn_report
 from .metrics import MetricsLog, read_metrics
 from .pretrained import Backbone, BackboneInfo, pick_backbone, random_backbone
-from .resumable import ResumableRun, mean_loss
+from .resumable import ResumableRun, bad_images_record, mean_loss
 from .sync_bn import convert_sync_bn
 from .trainer import SUMMARY
 
@@ -295,7 +295,8 @@ class LinearProbe(ResumableRun):
         return ProbeResult(correct[0] / n, correct[1] / n, n)
 
     def end_epoch(self, loss: float) -> dict:
-        record = {"kind": "linear_epoch", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.lr}
+        record = {"kind": "linear_epoch", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.lr,
+                  **bad_images_record(self.train_data.loader)}
         last = self.epoch == self.epochs
         if last or (self.lin.eval_every and self.epoch % self.lin.eval_every == 0):
             res = self.evaluate()

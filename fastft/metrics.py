@@ -62,7 +62,8 @@ class MetricsLog:
                                   bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: on resume they came from work the checkpoint does not hold."""
+        """Drop records past `step`: on resume they came from work the checkpoint does not hold (step -1: every
+        record, on a fresh start)."""
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in read_metrics(self.out_dir) if r.get("step", 0) <= step]

@@ -17,7 +17,8 @@ from . import checkpoint as ckpt_io
 from .atomic import write_json
 from .config import RunConfig
 from .distributed import all_gather_objects, all_reduce_mean, barrier, broadcast_object, is_main, rank, world_size
-from .metrics import MetricsLog
+from .metrics import FILE as METRICS, MetricsLog
+from .pipelines.stale import remove_stale
 
 
 class ResumableRun:
@@ -93,7 +94,13 @@ class ResumableRun:
     def resume(self) -> Path | None:
         """auto: the newest checkpoint that loads (picked on rank 0 for every rank); none: start afresh (earlier
         checkpoints set aside, never deleted); or the path of a checkpoint. See `_pick` for files that do not load.
-        Returns the checkpoint resumed from (None: a fresh start). Nothing is written before this decision."""
+        Returns the checkpoint resumed from (None: a fresh start). Nothing is written before this decision, but
+        the temp files of writers that were killed are removed (on rank 0, the run folder's one writer), and
+        metrics.jsonl is cut back to what the checkpoint holds (none of it on a fresh start), so that it holds
+        each (kind, step) once however often the run was restarted."""
+        if is_main():
+            for path in remove_stale(self.out_dir, recursive=True):
+                self.say(f"{self.name}: removed {path}, left by a writer that was killed")
         if self.resume_mode not in ("auto", "none"):
             path = Path(self.resume_mode)
             self.load(ckpt_io.load(path), path)
@@ -103,6 +110,7 @@ class ResumableRun:
         if refusal is not None:
             raise ckpt_io.CheckpointError(refusal)
         if chosen is None:
+            self.log.truncate_after(-1)  # records of an attempt killed before its first checkpoint
             return None
         path = Path(chosen)
         self.load(found[1] if found else ckpt_io.load(path), path)
@@ -115,6 +123,9 @@ class ResumableRun:
         and asks for a decision (resume = none) rather than start afresh beside them on its own."""
         if self.resume_mode == "none":
             ckpt_io.set_aside_all(self.out_dir)
+            if (self.out_dir / METRICS).is_file():  # the earlier run's records go with its checkpoints
+                ckpt_io.set_aside(self.out_dir / METRICS, ckpt_io.EARLIER, "this run starts afresh",
+                                  folder=self.out_dir / "checkpoints" / ckpt_io.EARLIER)
             return None, None
         found, unreadable = ckpt_io.scan(self.out_dir)
         if found is None and unreadable:
@@ -145,6 +156,17 @@ class ResumableRun:
     def write_summary(self, name: str, record: dict[str, Any]) -> None:
         if is_main():
             write_json(self.out_dir / name, record)
+
+
+def bad_images_record(loader) -> dict:
+    """An epoch record's count of unreadable images replaced since the last record (pipelines/bad_images.py),
+    summed over every rank, and the files first met ({} for a loader without the policy, e.g. synthetic)."""
+    bad = getattr(loader, "bad", None)
+    if bad is None:
+        return {}
+    per_rank = all_gather_objects(bad.take())
+    files = sorted({f for _, new in per_rank for f in new})
+    return {"bad_images": sum(n for n, _ in per_rank), **({"bad_files": files} if files else {})}
 
 
 def mean_loss(losses: torch.Tensor) -> float:

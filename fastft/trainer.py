@@ -29,7 +29,7 @@ from .knn import evaluate_knn, knn_report
 from .loss import queue_dtype, select_loss
 from .metrics import read_metrics
 from .moco import MoCo
-from .resumable import ResumableRun, mean_loss
+from .resumable import ResumableRun, bad_images_record, mean_loss
 from .schedule import base_lr, lr_at
 from .score_stats import ScoreRecorder, ScoreStore, chunk_steps
 from .sync_bn import convert_sync_bn
@@ -206,7 +206,8 @@ class Trainer(ResumableRun):
         return top1
 
     def end_epoch(self, loss: float) -> dict:
-        record = {"kind": "epoch", "step": self.step, "epoch": self.epoch, "loss": loss}
+        record = {"kind": "epoch", "step": self.step, "epoch": self.epoch, "loss": loss,
+                  **bad_images_record(self.loader)}
         every = self.cfg.knn.every
         if every > 0 and (self.epoch % every == 0 or self.epoch == self.epochs):
             self.knn_last = record["knn_top1"] = self.knn()

@@ -1,8 +1,9 @@
 """An ImageFolder tree or a built-in dataset -> an FFCV .beton file: the conversion behind the
 `fastft-convert-dataset` command (convert_cli.py) and the ffcv loader's conversion of built-in data on first use.
 
-Written to OUT.beton.tmp and renamed into place when complete, so an interrupted run never leaves an OUT.beton
-that a later run would trust. Beside it, OUT.beton.json records the class names (labels are their index in
+Written to OUT.beton.tmp-PID and renamed into place when complete, so an interrupted run never leaves an OUT.beton
+that a later run would trust; the temp files and `.fastft-convert-PID-*` folders of a conversion that was killed
+outright are removed by the next one into the same folder (stale.py). Beside it, OUT.beton.json records the class names (labels are their index in
 sorted order, as torchvision's ImageFolder), each sample's source file and any samples skipped as unreadable.
 A writer worker that dies (killed, out of memory) is an error, not a hang; a caller that handles SIGINT/SIGTERM
 itself sets INTERRUPTED before raising KeyboardInterrupt (convert_cli.py does), so that the interrupt is not
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .bad_images import IMAGE_EXTENSIONS, UnreadableImage, load_rgb
+from .stale import remove_stale
 WRITE_MODES = ("smart", "raw", "jpg", "proportion")
 META_FORMAT = "fastft-beton/1"  # the same string as ffcv_loader.META_FORMAT (which imports ffcv)
 
@@ -113,15 +115,12 @@ class _Images:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path = os.path.join(self.root, self.files[i])
         try:
-            with Image.open(path) as img:
-                arr = np.asarray(img.convert("RGB"))
-        except Exception as e:  # PIL raises many types; the path and the reason are what the user needs
+            arr = np.asarray(load_rgb(path))  # the loaders' judge of what reads (bad_images.py)
+        except UnreadableImage as e:
             with open(os.path.join(self.log_dir, f"bad-{os.getpid()}.tsv"), "a") as log:
-                log.write(f"{i}\t{path}\t{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n")
+                log.write(f"{i}\t{path}\t{e.reason}\n")
             arr = np.zeros((1, 1, 3), dtype=np.uint8)
         return arr, self.labels[i]
 
@@ -241,14 +240,20 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
     root = resolve_source(src, split, cache_dir)
     if subset is not None and not Path(subset).is_file():
         raise ConvertError(f"--subset {subset}: no such file (one class folder name per line)")
-    source = scan(root, read_class_list(subset) if subset else None, allow_empty=skip_bad)
+    try:
+        classes = read_class_list(subset) if subset else None
+    except ValueError as e:
+        raise ConvertError(f"--subset {subset}: {str(e).removeprefix('class_list ' + repr(str(subset)) + ': ')}")
+    source = scan(root, classes, allow_empty=skip_bad)
     if not source.files:
         raise ConvertError(f"{root}: no image files in its class folders")
 
-    tmp, meta_tmp = Path(f"{out}.tmp"), Path(f"{out}.json.tmp")
+    remove_stale(out.parent)  # what a killed conversion left here
+    _remove(Path(f"{out}.tmp"), Path(f"{out}.json.tmp"))  # the same, named by fastft before the PID was in the name
+    tmp, meta_tmp = Path(f"{out}.tmp-{os.getpid()}"), Path(f"{out}.json.tmp-{os.getpid()}")
     workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
     start = time.time()
-    log_dir = tempfile.mkdtemp(prefix=".fastft-convert-", dir=out.parent)
+    log_dir = tempfile.mkdtemp(prefix=f".fastft-convert-{os.getpid()}-", dir=out.parent)
     watch = None
     try:
         watch = _WorkerWatch()

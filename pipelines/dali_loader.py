@@ -26,6 +26,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from . import batch_augment, color_numba
 from .augment import IMAGENET_MEAN, IMAGENET_STD, crop_step
+from .bad_images import BadImageError, BadImagePolicy, BadImages, find_bad_cached
 from .spec import color_executor
 
 MEAN255 = [255 * m for m in IMAGENET_MEAN]
@@ -76,10 +77,17 @@ class DALILoader:
     def __init__(self, dataset, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
-                 crop_scale_min: float = 0.0):
+                 crop_scale_min: float = 0.0, bad_images: BadImagePolicy = BadImagePolicy(),
+                 cache_dir: str = "~/.cache/fastft"):
         self.dataset = dataset  # a SubsetImageFolder: .samples (path, label), .classes
         if len(dataset) == 0:
             raise ValueError(f"{dataset.root}: no images")
+        self.samples, self.unreadable = readable_samples(dataset, workers, cache_dir)
+        self.bad = BadImages(bad_images, math.ceil(len(dataset) / world_size) if train else len(dataset),
+                             str(dataset.root))
+        if bad_images.on_bad == "error":
+            for path, reason in self.unreadable.items():
+                self.bad.report(path, reason)  # stops at the first
         self.batch_size, self.threads, self.device, self.train = batch_size, max(1, workers), device, train
         self.aug, self.image_size, self.seed, self.rank, self.world_size = aug, image_size, seed, rank, world_size
         self.crop_scale_min = crop_scale_min
@@ -103,8 +111,8 @@ class DALILoader:
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
         decode_device = "mixed" if self.gpu else "cpu"
-        paths = [p for p, _ in self.dataset.samples]
-        labels = [int(y) for _, y in self.dataset.samples]
+        paths = [p for p, _ in self.samples]
+        labels = [int(y) for _, y in self.samples]
         common = dict(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
                       prefetch_queue_depth=2, exec_dynamic=True,
                       seed=(self.seed * 1_000_003 + self.epoch * 1009 + self.rank) % (2 ** 31 - 1))
@@ -128,7 +136,7 @@ class DALILoader:
                                                 self._gen, self.channels_last)
 
     def _shard_files(self) -> list[str]:
-        """This rank's files of this epoch, in the order DALI reads them."""
+        """This rank's files of this epoch, in the order DALI reads them (as listed: unreadable ones included)."""
         paths = [p for p, _ in self.dataset.samples]
         if not self.train:
             return paths
@@ -138,6 +146,9 @@ class DALILoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         done = 0
+        for path in self._shard_files()[:len(self) * self.batch_size]:  # the files this epoch reads
+            if path in self.unreadable:
+                self.bad.report(path, self.unreadable[path])
         try:
             pipe = self._pipeline()
             seed = self.seed * 1_000_003 + self.epoch * 1009 + self.rank  # the colour draws of this epoch
@@ -165,8 +176,27 @@ class DALILoader:
             raise RuntimeError(undecodable_message(window, str(e))) from None
 
 
+def readable_samples(dataset, workers: int, cache_dir: str) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """The dataset's (path, label) samples with each unreadable file replaced by the next one that reads (so the
+    epoch keeps its length and order), and the unreadable files with the reason.
+
+    DALI cannot leave a file out once a batch is under way, so the files are checked before the graph is built,
+    with the judge of every backend, and the answer is kept in `cache_dir` for the same files
+    (bad_images.find_bad_cached): a resumed run, or the kNN monitor every epoch, does not check again.
+    """
+    samples = list(dataset.samples)
+    unreadable = find_bad_cached([p for p, _ in samples], max(1, workers), cache_dir)
+    if len(unreadable) == len(samples):
+        raise BadImageError(f"no image of {dataset.root} can be read (first: {samples[0][0]})")
+    n = len(samples)
+    for i, (path, _) in enumerate(samples):
+        if path in unreadable:
+            samples[i] = next(samples[j % n] for j in range(i + 1, i + n) if samples[j % n][0] not in unreadable)
+    return samples, unreadable
+
+
 def undecodable_message(candidates: list[str], dali_error: str) -> str:
-    from .imagefolder import load_rgb
+    from .bad_images import load_rgb
 
     for path in candidates:
         try:

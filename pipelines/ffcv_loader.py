@@ -40,9 +40,11 @@ from torch.utils.data import DistributedSampler
 
 from . import batch_augment, color_numba
 from .augment import blur_kernel_size, crop_step
+from .bad_images import BadImagePolicy, BadImages
 from .spec import color_executor
 
 META_FORMAT = "fastft-beton/1"
+SKIPPED = "unreadable when converted (skipped by fastft-convert-dataset --skip-bad)"
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -282,10 +284,18 @@ class FFCVLoader:
     def __init__(self, beton: str | Path, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
-                 crop_scale_min: float = 0.0):
+                 crop_scale_min: float = 0.0, bad_images: BadImagePolicy = BadImagePolicy()):
         self.dataset = BetonInfo(beton)
         if len(self.dataset) == 0:
             raise ValueError(f"{beton}: holds no readable images")
+        # Files the converter skipped as unreadable (--skip-bad) fall under the policy like any loader's: named,
+        # counted every epoch (on rank 0: every rank reads the same sidecar) and held to max_fraction; or stop.
+        self.bad = BadImages(bad_images, len(self.dataset.files), self.dataset.root or str(beton))
+        self.skipped = [self.dataset.source(i) for i in sorted(self.dataset.bad)]
+        self.rank = rank
+        if bad_images.on_bad == "error":
+            for path in self.skipped:
+                self.bad.report(path, SKIPPED)
         self.device, self.train, self.aug, self.image_size = device, train, aug, image_size
         self.channels_last, self.seed = channels_last, seed
         self.batch_size = batch_size
@@ -326,6 +336,8 @@ class FFCVLoader:
         return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
 
     def __iter__(self) -> Iterator[Batch]:
+        for path in self.skipped if self.rank == 0 else []:
+            self.bad.report(path, SKIPPED)
         try:
             for images, labels in self._loader:
                 # ffcv reuses its output buffers a few batches later: never hand one out (labels may be int64).

@@ -1,11 +1,12 @@
-"""The ImageFolder side shared by the backends: dataset roots, class subsets, images that fail to decode."""
+"""The ImageFolder side shared by the backends: dataset roots, class subsets (images that fail to decode:
+bad_images.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from .bad_images import load_rgb
 from .builtin import is_builtin, materialize
 from .spec import spec_error
 
@@ -22,21 +23,16 @@ def dataset_root(path: str, cache_dir: str) -> Path:
 
 
 def read_class_list(path: str | Path) -> list[str]:
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    """Class folder names, one a line (# comments); an empty or non-UTF-8 file is a ValueError naming it."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise spec_error(ValueError, "class_list", f" {str(path)!r}: not UTF-8 text ({e.reason} at byte "
+                                                   f"{e.start}); save it as UTF-8") from None
     classes = [ln for ln in lines if ln and not ln.startswith("#")]
     if not classes:
-        raise ValueError(f"class list {path} is empty")
+        raise spec_error(ValueError, "class_list", f" {str(path)!r}: lists no class (one folder name a line)")
     return classes
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; a file that is not an image, or is truncated, raises an error naming it."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except Exception as e:  # PIL raises several types; the path is what the user needs
-        raise RuntimeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
 class SubsetImageFolder(ImageFolder):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .augment import TwoViews, torchvision_eval_transform, torchvision_linear_transform, torchvision_train_transform
+from .bad_images import POLICIES, BadImagePolicy
 from .builtin import is_builtin
 from .imagefolder import SubsetImageFolder, dataset_root, read_class_list
 from .spec import BACKENDS, DataSpec, LoaderSpec, spec_error
@@ -31,6 +32,12 @@ def _dataset(data: DataSpec, split: str, transform) -> SubsetImageFolder:
         raise spec_error(FileNotFoundError, "path", f" {data.path!r}: split folder {folder} does not exist")
     return SubsetImageFolder(folder, _class_list(data), class_list_name=str(data.class_list or ""),
                              transform=transform)
+
+
+def bad_image_policy(data: DataSpec) -> BadImagePolicy:
+    if data.on_bad_image not in POLICIES:
+        raise spec_error(ValueError, "on_bad_image", f" {data.on_bad_image!r}: valid: {', '.join(POLICIES)}")
+    return BadImagePolicy(data.on_bad_image, data.max_bad_fraction)
 
 
 def available_backends() -> list[str]:
@@ -93,15 +100,17 @@ def _fast_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.d
     if loader.backend == "dali":
         from .dali_loader import DALILoader
 
-        return DALILoader(_dataset(data, split, None), loader.batch_size, loader.workers, device, **kw)
+        return DALILoader(_dataset(data, split, None), loader.batch_size, loader.workers, device,
+                          bad_images=bad_image_policy(data), cache_dir=data.cache_dir, **kw)
     if loader.backend == "nvjpeg":
         from .nvjpeg_loader import NvJPEGLoader
 
-        return NvJPEGLoader(_dataset(data, split, None), loader.batch_size, loader.workers, device, **kw)
+        return NvJPEGLoader(_dataset(data, split, None), loader.batch_size, loader.workers, device,
+                            bad_images=bad_image_policy(data), **kw)
     from .ffcv_loader import FFCVLoader
 
     beton = beton_path(data, loader, split)
-    ffcv = FFCVLoader(beton, loader.batch_size, loader.workers, device, **kw)
+    ffcv = FFCVLoader(beton, loader.batch_size, loader.workers, device, bad_images=bad_image_policy(data), **kw)
     _check_classes(data, ffcv.dataset.classes, beton)
     return ffcv
 
@@ -115,7 +124,8 @@ def pretrain_loader(data: DataSpec, loader: LoaderSpec, device: torch.device, ra
     transform = TwoViews(torchvision_train_transform(loader.aug, data.image_size, loader.crop_scale_min))
     ds = _dataset(data, data.train_split, transform)
     return TorchvisionLoader(ds, loader.batch_size, loader.workers, device, train=True, seed=loader.seed,
-                             rank=rank, world_size=world_size, channels_last=loader.channels_last)
+                             rank=rank, world_size=world_size, channels_last=loader.channels_last,
+                             bad_images=bad_image_policy(data))
 
 
 def eval_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.device):
@@ -126,14 +136,14 @@ def eval_loader(data: DataSpec, loader: LoaderSpec, split: str, device: torch.de
     transform = torchvision_eval_transform(data.image_size, loader.eval_crop_ratio)
     ds = _dataset(data, split, transform)
     return TorchvisionLoader(ds, loader.batch_size, loader.workers, device, train=False, seed=loader.seed,
-                             channels_last=loader.channels_last)
+                             channels_last=loader.channels_last, bad_images=bad_image_policy(data))
 
 
 class LabelledLoader(TorchvisionLoader):
     """Shuffled, sharded and epoch-seeded like the pretraining loader, but one view: (images, labels)."""
 
     def __iter__(self):
-        for images, labels in self._loader():
+        for images, labels in self.batches():
             yield to_device(images, self.device, self.channels_last), labels.to(self.device, non_blocking=True)
 
 
@@ -144,5 +154,6 @@ def linear_loader(data: DataSpec, loader: LoaderSpec, device: torch.device, rank
     transform = torchvision_linear_transform(data.image_size, loader.crop_scale_min)
     ds = _dataset(data, data.train_split, transform)
     return LabelledLoader(ds, loader.batch_size, loader.workers, device, train=True, seed=loader.seed,
-                          rank=rank, world_size=world_size, channels_last=loader.channels_last)
+                          rank=rank, world_size=world_size, channels_last=loader.channels_last,
+                          bad_images=bad_image_policy(data))
 

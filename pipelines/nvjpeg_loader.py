@@ -15,6 +15,9 @@ carry torch, torchvision and triton only (no DALI, no FFCV). This backend needs 
 - The steps after the crop run in the executor of `loader.color_ops` (batch_augment.py on the device, or the
   numba kernels on the CPU), then normalisation and channels-last: the loader interface of torchvision_loader.
 - The next batch is prepared in a background thread (on its own CUDA stream) while the consumer runs its step.
+- Unreadable files follow the bad-image policy of every backend (bad_images.py): when a batch does not decode,
+  its files are decoded one by one, a file torchvision refuses is judged by PIL (read with it when PIL can), and
+  each unreadable one is reported and replaced by another image of the same batch, so batch shapes hold.
 
 Every random draw of batch b of epoch e comes from (seed, epoch, rank, b): a resumed epoch repeats exactly.
 """
@@ -28,6 +31,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -36,6 +40,7 @@ from torchvision.ops import roi_align
 
 from . import batch_augment, color_numba
 from .augment import crop_step
+from .bad_images import BadImageError, BadImagePolicy, BadImages, UnreadableImage, load_rgb
 from .spec import color_executor
 
 # torchvision 0.29 marks its image codecs deprecated in favour of torchcodec, which the GPU check machines do not
@@ -47,7 +52,7 @@ _TRIES = 10  # RandomResizedCrop.get_params' attempts before the central fallbac
 
 
 class EncodedFiles(Dataset):
-    """(file bytes as a uint8 tensor, label) of a SubsetImageFolder's samples: what the workers do."""
+    """(file bytes as a uint8 tensor, label, path) of a SubsetImageFolder's samples: what the workers do."""
 
     def __init__(self, folder):
         self.folder = folder
@@ -58,15 +63,16 @@ class EncodedFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.samples[i]
         with open(path, "rb") as f:
             data = f.read()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return raw, label, path
 
 
-def collate_encoded(batch: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64)
+def collate_encoded(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    return [b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64), [b[2] for b in batch]
 
 
 # -- geometry -------------------------------------------------------------------------------------------------
@@ -150,6 +156,28 @@ def decode(datas: list[torch.Tensor], device: torch.device, threads: Threads | N
     return out
 
 
+def decode_each(datas: list[torch.Tensor], paths: list[str], device: torch.device
+                ) -> tuple[list[torch.Tensor | None], list[tuple[str, str]]]:
+    """One file at a time, for a batch that did not decode: (images, None where unreadable) and the unreadable
+    files' (path, reason). What torchvision refuses is judged by PIL, every backend's judge, and read with it when
+    PIL can (an exotic JPEG, say), so the policy sees exactly the files no backend could read."""
+    images: list[torch.Tensor | None] = []
+    bad = []
+    for data, path in zip(datas, paths):
+        try:
+            images.append(decode([data], device)[0])
+            continue
+        except RuntimeError:
+            pass
+        try:
+            pixels = torch.from_numpy(np.asarray(load_rgb(path)).copy()).permute(2, 0, 1)
+            images.append(pixels.to(device))
+        except UnreadableImage as e:
+            images.append(None)
+            bad.append((path, e.reason))
+    return images, bad
+
+
 def resize_crops(images: list[torch.Tensor], boxes: torch.Tensor, owner: torch.Tensor, size: int,
                  method: str, threads: Threads | None = None) -> torch.Tensor:
     """uint8 [V, size, size, 3] (NHWC): view v is box v of images[owner[v]], resized to size x size.
@@ -192,7 +220,7 @@ class NvJPEGLoader:
     def __init__(self, dataset, batch_size: int, workers: int, device: torch.device, *, train: bool,
                  aug: str = "mocov2", image_size: int = 224, seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = True, color_ops: str = "auto", eval_crop_ratio: float = 0.875,
-                 crop_scale_min: float = 0.0, resize: str = "auto"):
+                 crop_scale_min: float = 0.0, resize: str = "auto", bad_images: BadImagePolicy = BadImagePolicy()):
         if len(dataset) == 0:
             raise ValueError(f"{dataset.root}: no images")
         self.files = EncodedFiles(dataset)
@@ -210,6 +238,7 @@ class NvJPEGLoader:
                                  num_workers=workers, collate_fn=collate_encoded, drop_last=train,
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
         self.epoch = 0
+        self.bad = BadImages(bad_images, len(self.sampler) if train else len(dataset), str(dataset.root))
         # On the CPU, decode and resize run in this many threads of one torch thread each (their calls release
         # the GIL; per-thread torch threads keep them from oversubscribing the cores).
         n = torch.get_num_threads()
@@ -229,9 +258,27 @@ class NvJPEGLoader:
     def _interface(self, u8: torch.Tensor) -> torch.Tensor:
         return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
 
-    def prepare(self, datas: list[torch.Tensor], labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    def _decode(self, datas: list[torch.Tensor], labels: torch.Tensor, paths: list[str]
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The batch's images; each unreadable one reported to the policy and replaced by the next readable image
+        of the batch (with its label)."""
+        try:
+            return decode(datas, self.device, self.threads), labels
+        except RuntimeError:
+            images, bad = decode_each(datas, paths, self.device)
+        for path, reason in bad:
+            self.bad.report(path, reason)  # raises under on_bad_image = error
+        good = [i for i, img in enumerate(images) if img is not None]
+        if not good:
+            raise BadImageError(f"no image of a batch of {self.dataset.root} can be read (first: {bad[0][0]}: "
+                                f"{bad[0][1]}); fastft-check-dataset {self.dataset.root} lists every such file")
+        take = [i if images[i] is not None else next((j for j in good if j > i), good[0]) for i in range(len(images))]
+        return [images[j] for j in take], labels[take]
+
+    def prepare(self, datas: list[torch.Tensor], labels: torch.Tensor, paths: list[str], batch: int
+                ) -> tuple[torch.Tensor, ...]:
         """One batch of encoded files -> the interface's tensors on the device (what the background thread runs)."""
-        images = decode(datas, self.device, self.threads)
+        images, labels = self._decode(datas, labels, paths)
         hw = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
         labels = labels.to(self.device, non_blocking=True)
         n = len(images)
@@ -261,10 +308,10 @@ class NvJPEGLoader:
         def produce() -> None:
             try:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    for b, (datas, labels) in enumerate(batches):
+                    for b, (datas, labels, paths) in enumerate(batches):
                         if stop.is_set():
                             return
-                        out = self.prepare(datas, labels, b)
+                        out = self.prepare(datas, labels, paths, b)
                         event = stream.record_event() if stream is not None else None
                         ready.put((out, event))
                 ready.put(None)

@@ -33,6 +33,9 @@ class DataSpec:
     image_size: int = 224
     # Where built-in datasets (and the .beton files converted from them) are written.
     cache_dir: str = "~/.cache/fastft"
+    # What an unreadable image does (bad_images.py): "skip" (named, replaced, counted) or "error" (stop).
+    on_bad_image: str = "skip"
+    max_bad_fraction: float = 0.01  # more unreadable images than this share of those read stops the run
 
 
 @dataclass(frozen=True)

@@ -172,3 +172,16 @@ def test_aug_specs_are_the_moco_recipes():
     from fastft.pipelines.augment import PILGaussianBlur, _torchvision_step
     ref = _torchvision_step(v2[3], 224)  # the reference is MoCo's own blur: PIL, radius = sigma
     assert ref.p == 0.5 and isinstance(ref.transforms[0], PILGaussianBlur) and ref.transforms[0].sigma == (0.1, 2.0)
+
+
+@pytest.mark.parametrize("content,why", [(b"# only a comment\n", "lists no class"),
+                                         (b"n01440764\n\xff\xfe\n", "not UTF-8 text")])
+def test_a_bad_class_list_is_one_line_and_exit_2(tmp_path, data_cache, capsys, content, why):
+    from fastft import train
+
+    (tmp_path / "classes.txt").write_bytes(content)
+    argv = ["configs/demo.yaml"] + tiny_overrides(tmp_path, data_cache, **{"data.class_list": tmp_path / "classes.txt"})
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"fastft-train: error: data.class_list '{tmp_path / 'classes.txt'}': {why}"), err

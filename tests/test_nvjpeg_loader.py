@@ -77,7 +77,7 @@ def test_the_next_batch_is_prepared_while_the_consumer_works(tmp_path, monkeypat
     loader = nv.NvJPEGLoader(SubsetImageFolder(root), 4, 0, CPU, train=True, image_size=16, color_ops="torch")
     started = []
     real = loader.prepare
-    monkeypatch.setattr(loader, "prepare", lambda d, y, b: started.append(b) or real(d, y, b))
+    monkeypatch.setattr(loader, "prepare", lambda d, y, p, b: started.append(b) or real(d, y, p, b))
     it = iter(loader)
     next(it)
     import time

@@ -81,6 +81,34 @@ def test_kill_while_writing_leaves_previous_checkpoint(tmp_path, data_cache):
     assert path == good[0]
     with pytest.warns(UserWarning, match="epoch_0003.pt moved to .*unreadable"):
         assert train(cfg_for(out, data_cache))["epoch"] == 2
+    assert not list(out.rglob("*.tmp-*"))  # the killed writer's temp file was removed on resume
+
+
+def test_a_killed_writers_temp_files_go_and_a_live_ones_stay(tmp_path, data_cache):
+    import os
+
+    out = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [out / "checkpoints" / f".epoch_0001.pt.tmp-{dead.stdout.strip()}",
+             out / "scores" / f".index.json.tmp-{dead.stdout.strip()}"]
+    live = out / "linear" / "trained" / f".metrics.jsonl.tmp-{os.getppid()}"  # e.g. a probe writing beside it
+    for p in stale + [live]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+    train(cfg_for(out, data_cache, **{"optim.epochs": 1}))
+    assert [p.exists() for p in stale] == [False, False] and live.exists()
+
+
+def test_a_fresh_start_after_a_kill_logs_each_step_once(tmp_path, data_cache):
+    out = tmp_path / "run"
+    out.mkdir()
+    # An attempt killed before its first checkpoint: records no checkpoint holds, the last line cut short.
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "epoch": 0, "loss": 9.0}\n{"kind": "tra')
+    train(cfg_for(out, data_cache))
+    records = read_metrics(out)
+    keys = [(r["kind"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)) and 9.0 not in [r.get("loss") for r in records]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, data_cache):
@@ -202,7 +230,10 @@ def test_starting_afresh_sets_an_earlier_runs_checkpoints_aside(tmp_path, data_c
     with pytest.warns(UserWarning, match="epoch_0003.pt moved to .*earlier"):
         train(cfg_for(out, data_cache, **{"run.resume": "none", "run.keep_ckpts": 1}))
     assert [p.name for p in ckpt_io.list_checkpoints(out)] == ["epoch_0002.pt"]
-    assert [p.name for p in (out / "checkpoints" / "earlier").iterdir()] == ["epoch_0003.pt"]
+    earlier = out / "checkpoints" / "earlier"
+    assert sorted(p.name for p in earlier.iterdir()) == ["epoch_0003.pt", "metrics.jsonl"]  # its records go along
+    assert [r["step"] for r in read_metrics(earlier) if r["kind"] == "train"] == list(range(1, 10))
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == list(range(1, 7))
 
 
 def test_evaluation_keys_may_change_on_resume(tmp_path, data_cache):
