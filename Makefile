@@ -11,7 +11,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 # Debian packages ffcv 1.0.2 compiles against (extra `ffcv`): installed when missing, as root (CI runs as root).
 FFCV_APT := pkg-config libturbojpeg0-dev libopencv-dev
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)

@@ -182,4 +182,4 @@ def test_the_command_module_is_imported_by_no_module():
             elif isinstance(node, ast.ImportFrom):
                 imported |= {node.module or ""} | {f"{node.module or ''}.{a.name}" for a in node.names}
         assert not any(name.split(".")[-1] == "convert_cli" for name in imported), f"{path} imports it"
-    assert "fastft.pipelines.convert_cli:main" in (root / "setup.py").read_text()
+    assert "fastft.pipelines.convert_cli:main" in (root / "pyproject.toml").read_text()
