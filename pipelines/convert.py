@@ -236,8 +236,8 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
         raise ConvertError(f"--max-resolution {max_resolution}: must be a positive number of pixels")
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise ConvertError(f"{out.parent}: no such folder to write {out.name} into")
+    if next((p for p in out.parents if p.exists()), Path(".")).is_file():
+        raise ConvertError(f"{out}: a parent of it is a file, not a folder; choose another output path")
     root = resolve_source(src, split, cache_dir)
     if subset is not None and not Path(subset).is_file():
         raise ConvertError(f"--subset {subset}: no such file (one class folder name per line)")
@@ -245,6 +245,7 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
     if not source.files:
         raise ConvertError(f"{root}: no image files in its class folders")
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # after every check: a refused conversion creates nothing
     tmp, meta_tmp = Path(f"{out}.tmp"), Path(f"{out}.json.tmp")
     workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
     start = time.time()

@@ -55,11 +55,11 @@ def test_round_trip_keeps_every_photo_and_label(photos, tmp_path, capsys):
 
 
 def test_builtin_digits_round_trip_exactly(tmp_path, data_cache):
-    out = tmp_path / "digits_val.beton"
+    out = tmp_path / "digits" / "val.beton"  # a missing output folder is created
     assert run("builtin:digits", out, "--split", "val", "--cache-dir", data_cache, "--num-workers", "1") == 0
     images, labels = digits_arrays()
     _, val = digits_split(labels)
-    meta = json.loads((tmp_path / "digits_val.beton.json").read_text())
+    meta = json.loads((tmp_path / "digits" / "val.beton.json").read_text())
     samples = stored(out)
     assert len(samples) == len(val) == 360
     for (img, label), rel in zip(samples, meta["files"]):
@@ -99,6 +99,10 @@ def test_missing_source_and_empty_class_are_named(tmp_path, capsys):
     assert run(root, tmp_path / "o.beton") == 2
     assert f"{root / 'empty_class'}: class folder holds no images" in capsys.readouterr().err
     assert not (tmp_path / "o.beton").exists()
+    assert not list(tmp_path.glob("o.beton*"))
+    (tmp_path / "file").write_text("")
+    assert run(root, tmp_path / "file" / "sub" / "o.beton") == 2
+    assert "a parent of it is a file" in capsys.readouterr().err
     assert run(root, tmp_path / "o.beton", "--skip-bad", "--num-workers", "1") == 0
     assert json.loads((tmp_path / "o.beton.json").read_text())["empty_classes"] == ["empty_class"]
 
