@@ -25,10 +25,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs pixels.
+# DEMO_DIR: the run folder (a new one for other overrides, e.g. make demo DEMO_DIR=runs/demo5 ARGS=optim.epochs=5).
+DEMO_DIR ?= runs/demo
 demo: install
-	$(PY) -m fastft.train configs/demo.yaml $(ARGS)
-	$(PY) -m fastft.linear configs/demo.yaml --compare-random-init linear.cache_features=true $(ARGS)
-	$(PY) -m fastft.viz runs/demo --out runs/demo/viz
+	$(VENV)/bin/fastft-train demo run.out_dir=$(DEMO_DIR) $(ARGS)
+	$(VENV)/bin/fastft-linear demo run.out_dir=$(DEMO_DIR) --compare-random-init linear.cache_features=true $(ARGS)
+	$(VENV)/bin/fastft-viz $(DEMO_DIR) --out $(DEMO_DIR)/viz
 
 # MoCo v2 / + pos extrapolation / + neg interpolation / + both, 2 seeds each, on the CPU (~20 min on 2 free
 # cores): kNN table in ABLATION.md, figures in runs/ablation/viz/index.html. E.g. ARGS="--epochs 10".

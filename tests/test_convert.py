@@ -54,9 +54,10 @@ def test_round_trip_keeps_every_photo_and_label(photos, tmp_path, capsys):
         assert np.abs(img - src).mean() < 3.0  # re-encoded at JPEG quality 90 (smart mode: photos -> JPEG)
 
 
-def test_builtin_digits_round_trip_exactly(tmp_path, data_cache):
+def test_builtin_digits_round_trip_exactly(tmp_path, data_cache, capsys):
     out = tmp_path / "digits" / "val.beton"  # a missing output folder is created
     assert run("builtin:digits", out, "--split", "val", "--cache-dir", data_cache, "--num-workers", "1") == 0
+    assert "\r" not in capsys.readouterr().err  # no progress-bar frames where the output is not a terminal
     images, labels = digits_arrays()
     _, val = digits_split(labels)
     meta = json.loads((tmp_path / "digits" / "val.beton.json").read_text())
