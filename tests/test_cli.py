@@ -59,3 +59,14 @@ def test_progress_is_one_line_per_epoch_in_a_log_and_a_live_bar_on_a_terminal(tm
                                                                                            ["epoch", "2/2"]]
     live = run(tmp_path / "tty", tty=True)
     assert "\r" in live and "epoch 1/2:" in live  # tqdm's frames, redrawn in place
+
+
+def test_ablation_finds_the_packaged_variant_configs_from_any_folder(tmp_path, monkeypatch, capsys):
+    from fastft.ablation import VARIANTS, main as ablation_main
+    from fastft.config import find_config
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the default --configs means the packaged ones
+    for file, _ in VARIANTS.values():
+        assert find_config(f"configs/ablations/{file}").is_file()
+    assert ablation_main(["--configs", "nowhere", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere/" in err[0] and "packaged config" in err[0]
