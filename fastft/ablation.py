@@ -2,7 +2,7 @@
 
 Trains MoCo v2, + positive extrapolation, + negative interpolation and + both (configs/ablations/*.yaml: the
 same data, model, seed and budget; only ft.pos / ft.neg differ) on the built-in digits on the CPU, one run per
-variant and seed, one after another (each a `python -m fastft.train` process, so each resumes on its own if the
+variant and seed, one after another (each its own fastft-train process, so each resumes on its own if the
 ablation is interrupted and started again). Then draws all runs side by side with fastft-viz and writes the
 kNN top-1 table, with the command that produced it, to a markdown file (ABLATION.md).
 """

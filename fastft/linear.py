@@ -1,6 +1,6 @@
 """Linear evaluation: `fastft-linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
 
-The MoCo protocol on standardised features (docs/design.md, section 1): the query backbone is frozen (eval-mode
+The MoCo protocol on standardised features: the query backbone is frozen (eval-mode
 BatchNorm, no gradient), its features pass a BatchNorm without affine parameters, and one linear layer is trained
 with SGD (`linear.*`; defaults lr 0.1 with a cosine schedule, momentum 0.9, wd 0, batch 256, 100 epochs) on
 RandomResizedCrop + flip views of the train split; top-1 / top-5 are measured on the val split (Resize /

@@ -1,6 +1,6 @@
 """`fastft-viz RUN [RUN ...] --out DIR`: the paper's pos/neg score figures from one or more runs.
 
-Draws, from each run's `scores/` (fastft/score_stats.py):
+Draws, from each run's `scores/` folder:
   curves        pos mean, neg mean and neg variance against the iteration, runs overlaid, each run's final
                 accuracy (linear if present, else kNN) in the legend
   ft_effect     the same on the features used in the loss (solid) and on the untransformed ones (dashed)
