@@ -222,7 +222,11 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
             write_mode: str = "smart", smart_threshold: int = 64 * 64 * 3, num_workers: int = 0,
             force: bool = False, skip_bad: bool = False, cache_dir: str = "~/.cache/fastft") -> ConvertResult:
     """Convert SRC to OUT (see the module doc). Raises ConvertError naming the path at fault."""
-    from .ffcv_loader import write_beton
+    try:
+        from .ffcv_loader import write_beton
+    except ImportError as e:
+        raise ConvertError(f"writing .beton files needs FFCV, the ffcv extra: pip install 'fastft[ffcv]' "
+                           f"({e})") from None
     from .imagefolder import read_class_list
 
     out = Path(out).expanduser()

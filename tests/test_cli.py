@@ -70,3 +70,11 @@ def test_ablation_finds_the_packaged_variant_configs_from_any_folder(tmp_path, m
     assert ablation_main(["--configs", "nowhere", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere/" in err[0] and "packaged config" in err[0]
+
+
+def test_convert_without_ffcv_says_which_extra(tmp_path, monkeypatch, capsys):
+    from fastft.pipelines.convert_cli import main as convert_main
+    monkeypatch.setitem(sys.modules, "fastft.pipelines.ffcv_loader", None)  # as if ffcv were not installed
+    assert convert_main(["builtin:digits", str(tmp_path / "d" / "val.beton"), "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'fastft[ffcv]'" in err[0] and not (tmp_path / "d").exists()
