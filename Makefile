@@ -9,26 +9,30 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 .PHONY: install demo test clean
 
 # Debian packages ffcv 1.0.2 compiles against (extra `ffcv`): installed when missing, as root (CI runs as root).
+# Without root and without them, fastft installs without the ffcv extra (its tests are skipped) and says so.
 FFCV_APT := pkg-config libturbojpeg0-dev libopencv-dev
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	@dpkg -s $(FFCV_APT) >/dev/null 2>&1 || { \
+	@extras=dev,dali,ffcv; dpkg -s $(FFCV_APT) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(FFCV_APT); \
-	  else echo "ffcv needs Debian packages: sudo apt-get install $(FFCV_APT)" >&2; exit 1; fi; }
-	$(PY) -m pip install --quiet -e '.[dev,dali,ffcv]'
+	  else extras=dev,dali; echo "note: installing without the ffcv extra (FFCV loader, fastft-convert-dataset): it" \
+	    "needs the Debian packages $(FFCV_APT): sudo apt-get install them, then make install again" >&2; fi; }; \
+	  echo "$(PY) -m pip install --quiet -e '.[$$extras]'"; $(PY) -m pip install --quiet -e ".[$$extras]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 # Pretrain MoCo v2 + FT on the built-in digits on the CPU, then kNN: trained vs random init vs pixels.
+# DEMO_DIR: the run folder (a new one for other overrides, e.g. make demo DEMO_DIR=runs/demo5 ARGS=optim.epochs=5).
+DEMO_DIR ?= runs/demo
 demo: install
-	$(PY) -m fastft.train configs/demo.yaml $(ARGS)
-	$(PY) -m fastft.linear configs/demo.yaml --compare-random-init linear.cache_features=true $(ARGS)
-	$(PY) -m fastft.viz runs/demo --out runs/demo/viz
+	$(VENV)/bin/fastft-train demo run.out_dir=$(DEMO_DIR) $(ARGS)
+	$(VENV)/bin/fastft-linear demo run.out_dir=$(DEMO_DIR) --compare-random-init linear.cache_features=true $(ARGS)
+	$(VENV)/bin/fastft-viz $(DEMO_DIR) --out $(DEMO_DIR)/viz
 
 # MoCo v2 / + pos extrapolation / + neg interpolation / + both, 2 seeds each, on the CPU (~20 min on 2 free
 # cores): kNN table in ABLATION.md, figures in runs/ablation/viz/index.html. E.g. ARGS="--epochs 10".

@@ -2,7 +2,7 @@
 
 Trains MoCo v2, + positive extrapolation, + negative interpolation and + both (configs/ablations/*.yaml: the
 same data, model, seed and budget; only ft.pos / ft.neg differ) on the built-in digits on the CPU, one run per
-variant and seed, one after another (each a `python -m fastft.train` process, so each resumes on its own if the
+variant and seed, one after another (each its own fastft-train process, so each resumes on its own if the
 ablation is interrupted and started again). Then draws all runs side by side with fastft-viz and writes the
 kNN top-1 table, with the command that produced it, to a markdown file (ABLATION.md).
 """
@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from . import checkpoint as ckpt_io
-from .config import ConfigError, load_config
+from .config import ConfigError, find_config, load_config
 from .atomic import write_json, write_text
 from .metrics import read_metrics
 from .score_stats import ScoresError, read_scores
@@ -274,14 +274,17 @@ def draw_figures(results: list[RunResult], out: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="fastft.ablation", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m fastft.ablation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*",
                     help="extra key.sub=value overrides for every run (before the options, or after --)")
     ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs of every run (default 5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds (default 0 1)")
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
-    ap.add_argument("--configs", default="configs/ablations", help="folder of the variant configs")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS),
+                    help=f"which variants to train (default: {' '.join(DEFAULT_VARIANTS)})")
+    ap.add_argument("--configs", default="configs/ablations",
+                    help="folder of the variant configs (default: configs/ablations, the packaged ones when there "
+                         "is no such folder here)")
     ap.add_argument("--out", default="runs/ablation", help="folder for the runs (one sub-folder each)")
     ap.add_argument("--table", default="ABLATION.md", help="markdown file for the table")
     ap.add_argument("--threads", type=int, default=0,
@@ -295,21 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "fastft.ablation", *argv])
     t0 = time.perf_counter()
     try:
-        for v in args.variants:
-            if not (Path(args.configs) / VARIANTS[v][0]).is_file():
-                raise ConfigError(f"{Path(args.configs) / VARIANTS[v][0]} does not exist: run from the repository "
-                                  f"root or pass --configs")
+        for v in args.variants:  # configs/ablations/x.yaml is the packaged one where no such file is here
+            find_config(Path(args.configs) / VARIANTS[v][0])
         results = []
         for seed in args.seeds:
             for v in args.variants:
                 results.append(run_one(v, seed, args))
         index = draw_figures(results, Path(args.out) / "viz")
     except (ConfigError, ckpt_io.CheckpointError, RuntimeError) as e:
-        print(f"fastft.ablation: error: {e}", file=sys.stderr)
+        print(f"python -m fastft.ablation: error: {e}", file=sys.stderr)
         return 2
     text = markdown(results, args, command, time.perf_counter() - t0, index)
     write_text(args.table, text)
-    print(f"fastft.ablation: table in {args.table}, figures in {index}")
+    print(f"python -m fastft.ablation: table in {args.table}, figures in {index}")
     return 0
 
 

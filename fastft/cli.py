@@ -19,7 +19,8 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def config_parser(prog: str, doc: str | None, config_help: str = "YAML config file (see configs/)",
+def config_parser(prog: str, doc: str | None,
+                  config_help: str = "a YAML file or a packaged config name (demo, in1k, ...)",
                   overrides_help: str = "key.sub=value overrides, e.g. optim.epochs=10") -> argparse.ArgumentParser:
     ap = parser(prog, doc)
     ap.add_argument("config", help=config_help)
@@ -30,7 +31,8 @@ def config_parser(prog: str, doc: str | None, config_help: str = "YAML config fi
 def encoder_parser(prog: str, doc: str | None, overrides_help: str) -> tuple[argparse.ArgumentParser, object]:
     """The evaluation commands' parser: CONFIG, overrides, and which encoder (--pretrained CKPT | --random-init;
     default: the newest checkpoint in run.out_dir). Returns the parser and that exclusive group (for more)."""
-    ap = config_parser(prog, doc, "YAML config file (the one the encoder was pretrained with)", overrides_help)
+    ap = config_parser(prog, doc, "the config the encoder was pretrained with: a YAML file or a packaged name "
+                                  "(demo, in1k, ...)", overrides_help)
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--pretrained", metavar="CKPT", help="pretraining checkpoint (default: newest in run.out_dir)")
     which.add_argument("--random-init", action="store_true", help="the same architecture at random initialisation")

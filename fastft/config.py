@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import re
 import types
@@ -413,6 +414,31 @@ def parse_override(text: str) -> tuple[str, Any]:
                           f"it to pass text") from None
 
 
+def packaged_dir() -> Path:
+    """The folder of the configs that ship with fastft (configs/ in the repository, fastft/configs when installed)."""
+    return Path(str(importlib.resources.files("fastft.configs")))
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Packaged config name -> file: `demo`, `in1k`, `ablations/neg`, ..."""
+    root = packaged_dir()
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: `name` itself when it exists, else the packaged config of that name (`demo`, `in1k.yaml`,
+    `ablations/neg`, also `configs/demo.yaml` from outside the repository); a ConfigError naming both otherwise."""
+    p = Path(name)
+    if p.exists():
+        return p
+    packaged = packaged_configs()
+    for key in (p.as_posix(), p.with_suffix("").as_posix(), p.with_suffix("").as_posix().removeprefix("configs/")):
+        if key in packaged:
+            return packaged[key]
+    raise ConfigError(f"config file {name} does not exist, and no packaged config has that name; pass a YAML file or "
+                      f"one of: {', '.join(packaged)} (fastft-train --list-configs)")
+
+
 def read_config_file(path: str | Path) -> dict:
     """The YAML mapping in config file `path`, or a ConfigError that names the file and what is wrong."""
     p = Path(path)
@@ -433,6 +459,7 @@ def read_config_file(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides. Every check,
     across fields too, runs here: nothing is built or written for a config that is refused."""
+    path = find_config(path) if path is not None else None
     raw = read_config_file(path) if path is not None else {}
     where = str(path) if path is not None else "defaults"
     cfg = _build(Config, raw, "", where)  # file errors are reported against the file
@@ -446,10 +473,35 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def resolve_path(cfg: Config, value: str) -> Path:
-    """A path from the config: `~` expanded, relative ones taken from the config file's folder if it exists there."""
+    """A path from the config: `~` expanded; a relative one is taken from the config file's folder if it exists
+    there, else from the working directory if it exists there, else from the packaged configs (so a copy of
+    in100.yaml still finds imagenet100.txt)."""
     p = Path(value).expanduser()
-    if not p.is_absolute() and cfg.source:
-        beside = Path(cfg.source).parent / p
-        if beside.exists():
-            return beside
+    if p.is_absolute():
+        return p
+    for base in ([Path(cfg.source).parent] if cfg.source else []) + [Path("."), packaged_dir()]:
+        if (base / p).exists():
+            return p if base == Path(".") else base / p
     return p
+
+
+def _flow(value: Any) -> str:
+    """One value as YAML on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def describe_config(cfg: Config) -> str:
+    """`cfg` as YAML that loads back, every key commented with its type, valid range and default."""
+    lines = []
+    defaults = Config()
+    for section in _public_fields(cfg):
+        lines.append(f"{section.name}:")
+        node, default_node = getattr(cfg, section.name), getattr(defaults, section.name)
+        hints = typing.get_type_hints(type(node))
+        for f in _public_fields(node):
+            value, default = getattr(node, f.name), getattr(default_node, f.name)
+            rng = f.metadata.get("range")
+            kind = _describe(hints[f.name]) + (f" in {_range_text(rng)}" if rng else "")
+            note = "" if value == default else "  (changed)"
+            lines.append(f"  {f.name + ': ' + _flow(value):<38} # {kind}; default {_flow(default)}{note}")
+    return "\n".join(lines)

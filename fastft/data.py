@@ -31,7 +31,8 @@ def data_spec(cfg: Config) -> DataSpec:
         class_list = resolve_path(cfg, cfg.data.class_list)
         if not class_list.is_file():
             raise FileNotFoundError(f"data.class_list {cfg.data.class_list!r}: no such file "
-                                    f"(looked beside {cfg.source or 'the working directory'})")
+                                    f"(looked beside {cfg.source or 'the working directory'}, in the working "
+                                    f"directory and among the packaged configs)")
     return DataSpec(path=cfg.data.path, train_split=cfg.data.train_split, val_split=cfg.data.val_split,
                     class_list=class_list, image_size=cfg.data.image_size, cache_dir=cfg.data.cache_dir,
                     on_bad_image=cfg.data.on_bad_image, max_bad_fraction=cfg.data.max_bad_fraction)

@@ -5,6 +5,7 @@ NCCL on CUDA (one process per GPU, bound by LOCAL_RANK) or gloo on the CPU.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,6 +128,14 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         return
     for t in module.state_dict().values():
         dist.broadcast(t, src=src)
+
+
+def no_buffer_sync() -> dict[str, bool]:
+    """DistributedDataParallel's argument for "do not broadcast buffers before each forward". torch 2.14 renamed
+    broadcast_buffers to forward_sync_buffers (the old name warns on every rank); the new one still syncs them once
+    at construction, which changes nothing after broadcast_module. Older torch knows only the old name."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

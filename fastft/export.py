@@ -10,6 +10,10 @@ is not part of it). It loads strictly once the model's classifier is removed:
 detectron2: the pickle MoCo's detection/convert-pretrain-to-detectron2.py writes, for the VOC/COCO transfer:
 {"model": {detectron2 name: numpy array}, "__author__": ..., "matching_heuristics": True}. detectron2 picks
 its reader by the file name, so OUT must end in .pkl.
+
+A small-stem backbone (model.small_stem: 3x3 stride-1 conv1, no max-pool) fits neither format's stem;
+--allow-small-stem exports it in the torchvision format as {"arch", "small_stem", "stem", "state_dict"}, so the
+file says which model it needs, and prints the torchvision code that builds that model and loads it.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from .encoder import build_backbone
 from .pretrained import BackboneInfo, read_backbone
 
 FORMATS = ("torchvision", "detectron2")
+# fastft.encoder.build_backbone's small stem, as torchvision code (the loading recipe builds it).
+SMALL_STEM = "torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)"
 _STAGE = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
 _BN = re.compile(r"^bn(\d)\.(.+)$")
 
@@ -66,6 +72,25 @@ def to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+def small_stem_file(state: dict[str, torch.Tensor], arch: str) -> dict:
+    """The small-stem torchvision export: the state dict with what model it belongs to (a bare state dict could not
+    say, and torchvision's own stem does not fit it)."""
+    return {"arch": arch, "small_stem": True, "stem": SMALL_STEM, "state_dict": to_torchvision(state)}
+
+
+def loading_recipe(info: BackboneInfo, fmt: str, out: str | Path) -> str:
+    """One line of Python (torch and torchvision only) that builds `model` and loads export `out` into it."""
+    if fmt == "detectron2":
+        return ("use as MODEL.WEIGHTS in a detectron2 config (INPUT.FORMAT RGB, ImageNet PIXEL_MEAN/STD, "
+                "RESNETS.STRIDE_IN_1X1 False, as MoCo's detection configs)")
+    build = f"import torch, torchvision; model = torchvision.models.{info.arch}(); "
+    if info.small_stem:
+        return (build + f"model.conv1 = {SMALL_STEM}; model.maxpool = torch.nn.Identity(); "
+                f"model.fc = torch.nn.Identity(); model.load_state_dict(torch.load({str(out)!r})['state_dict'], "
+                f"strict=True)")
+    return build + f"model.fc = torch.nn.Identity(); model.load_state_dict(torch.load({str(out)!r}), strict=True)"
+
+
 def check_exportable(info: BackboneInfo, fmt: str, allow_small_stem: bool) -> None:
     if not info.small_stem:
         return
@@ -74,9 +99,9 @@ def check_exportable(info: BackboneInfo, fmt: str, allow_small_stem: bool) -> No
     if fmt == "detectron2":
         raise CheckpointError(f"{why}: detectron2 cannot load this backbone")
     if not allow_small_stem:
-        raise CheckpointError(f"{why}, so torchvision.models.{info.arch}() cannot load it strictly. Pass "
-                              f"--allow-small-stem to export anyway and build the model with "
-                              f"fastft.encoder.build_backbone({info.arch!r}, small_stem=True)")
+        raise CheckpointError(f"{why}, so torchvision.models.{info.arch}() cannot load it as it is. Pass "
+                              f"--allow-small-stem to export it with its stem recorded (the command prints the "
+                              f"code that builds the matching model)")
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, allow_small_stem: bool = False) -> BackboneInfo:
@@ -94,7 +119,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, allow_small_stem: bool =
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt}: the query backbone is not a torchvision {info.arch}: {e}") from e
     if fmt == "torchvision":
-        write_atomic(out, to_torchvision(state))
+        write_atomic(out, small_stem_file(state, info.arch) if info.small_stem else to_torchvision(state))
     else:
         write_atomic(out, to_detectron2(state), dump=pickle.dump)
     return info
@@ -103,7 +128,9 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, allow_small_stem: bool =
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = cli.parser("fastft-export", __doc__)
     ap.add_argument("checkpoint", help="a pretraining checkpoint, e.g. runs/in1k/checkpoints/epoch_0200.pt")
-    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap.add_argument("--format", required=True, choices=FORMATS,
+                    help="torchvision: a state dict for torchvision.models.resnetXX; detectron2: a .pkl for "
+                         "MODEL.WEIGHTS")
     ap.add_argument("out", help="output file (.pth for torchvision, .pkl for detectron2)")
     ap.add_argument("--allow-small-stem", action="store_true",
                     help="torchvision format only: export a small-stem backbone (it will not fit torchvision's stem)")
@@ -115,12 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         info = export(args.checkpoint, args.format, args.out, args.allow_small_stem)
-        how = ("load with: model = torchvision.models.{a}(); model.fc = torch.nn.Identity(); "
-               "model.load_state_dict(torch.load({o!r}), strict=True)" if args.format == "torchvision" else
-               "use as MODEL.WEIGHTS in a detectron2 config (INPUT.FORMAT RGB, ImageNet PIXEL_MEAN/STD, "
-               "RESNETS.STRIDE_IN_1X1 False, as MoCo's detection configs)").format(a=info.arch, o=str(args.out))
-        print(f"wrote {args.out}: {info.arch} query backbone, epoch {info.epoch} step {info.step}, "
-              f"{args.format} format; {how}")
+        stem = ", small stem (recorded in the file)" if info.small_stem else ""
+        how = loading_recipe(info, args.format, args.out)
+        print(f"wrote {args.out}: {info.arch} query backbone{stem}, epoch {info.epoch} step {info.step}, "
+              f"{args.format} format; " + (f"load with: {how}" if args.format == "torchvision" else how))
 
     return cli.run("fastft-export", body, errors=(CheckpointError, ValueError))
 

@@ -1,5 +1,5 @@
 """`fastft-knn CONFIG [--pretrained CKPT | --random-init | --pixels] [key.sub=value ...]`: the weighted kNN
-monitor (fastft/knn.py) on its own, for a pretraining checkpoint (default: the newest in run.out_dir), the same
+monitor on its own, for a pretraining checkpoint (default: the newest in run.out_dir), the same
 architecture at random initialisation, or the pixels themselves (after the eval transform).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Linear evaluation: `fastft-linear CONFIG [--pretrained CKPT | --random-init] [key.sub=value ...]`.
 
-The MoCo protocol on standardised features (docs/design.md, section 1): the query backbone is frozen (eval-mode
+The MoCo protocol on standardised features: the query backbone is frozen (eval-mode
 BatchNorm, no gradient), its features pass a BatchNorm without affine parameters, and one linear layer is trained
 with SGD (`linear.*`; defaults lr 0.1 with a cosine schedule, momentum 0.9, wd 0, batch 256, 100 epochs) on
 RandomResizedCrop + flip views of the train split; top-1 / top-5 are measured on the val split (Resize /
@@ -11,7 +11,7 @@ regression.
 
 The probe lives in <linear.out_dir, default run.out_dir/linear>/<encoder> (its checkpoints, resumed like
 pretraining, and its own metrics.jsonl); the final result is appended to the run's metrics.jsonl as a "linear"
-record at the encoder's pretraining step. An entry point: nothing imports it.
+record at the encoder's pretraining step.
 
 Under `torchrun --nproc_per_node N -m fastft.linear ...` every rank trains on its interleaved shard of
 linear.batch_size images per step, DDP averages the head's gradients (so N ranks take the steps one process
@@ -306,6 +306,8 @@ class LinearProbe(ResumableRun):
             # a line per measurement; the progress bar shows the epochs between
             self.say(f"linear epoch {self.epoch}/{self.epochs}  loss {loss:.4f}  lr {self.lr:.4g}  "
                      f"top-1 {res.top1:.4f}  top-5 {res.top5:.4f}")
+        elif not self.live_progress():  # no bar (a log file): one line per epoch
+            self.say(f"linear epoch {self.epoch}/{self.epochs}  loss {loss:.4f}  lr {self.lr:.4g}")
         return record
 
     def run(self) -> ProbeResult | None:

@@ -7,6 +7,7 @@ and what happens after each epoch (`end_epoch`); `fit` runs the loop.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,13 @@ class ResumableRun:
         if is_main():
             tqdm.write(msg)
 
+    def live_progress(self) -> bool:
+        """A live bar on a terminal only: in a log file its redraws pile up as carriage-return frames, so there
+        each epoch ends in one summary line instead (`end_epoch`)."""
+        return self.run_cfg.progress and is_main() and sys.stderr.isatty()
+
     def progress(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                    disable=not (self.run_cfg.progress and is_main()))
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not self.live_progress())
 
     def checkpoint(self) -> dict:
         rngs = all_gather_objects({**ckpt_io.rng_state(), **self.rng_extra()})  # every rank's streams

@@ -24,7 +24,7 @@ from .atomic import write_text
 from .config import Config, ConfigError
 from .data import pretrain_loader
 from .device import pick_device, pick_precision
-from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, rank, setup, world_size
+from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, no_buffer_sync, rank, setup, world_size
 from .knn import evaluate_knn, knn_report
 from .loss import queue_dtype, select_loss
 from .metrics import read_metrics
@@ -103,7 +103,7 @@ class Trainer(ResumableRun):
             # query BN statistics stay per rank as in MoCo.
             model.use_ddp(torch.nn.parallel.DistributedDataParallel(
                 model.encoder_q, device_ids=[self.device] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, bucket_cap_mb=DDP_BUCKET_MB))
+                bucket_cap_mb=DDP_BUCKET_MB, **no_buffer_sync()))
         if cfg.run.compile:
             model.encoder_q.compile()
             model.encoder_k.compile()

@@ -1,6 +1,6 @@
 """`fastft-viz RUN [RUN ...] --out DIR`: the paper's pos/neg score figures from one or more runs.
 
-Draws, from each run's `scores/` (fastft/score_stats.py) and metrics.jsonl:
+Draws, from each run's `scores/` folder and metrics.jsonl:
   curves        pos mean, neg mean, neg variance, exp(pos/T), mean exp(neg/T) and the training loss against the
                 iteration (epochs on the top axis), runs overlaid, each run's final accuracy in the legend
   ft_effect     the score curves on the features used in the loss (solid) and on the untransformed ones (dashed)

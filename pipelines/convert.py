@@ -221,7 +221,11 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
             write_mode: str = "smart", smart_threshold: int = 64 * 64 * 3, num_workers: int = 0,
             force: bool = False, skip_bad: bool = False, cache_dir: str = "~/.cache/fastft") -> ConvertResult:
     """Convert SRC to OUT (see the module doc). Raises ConvertError naming the path at fault."""
-    from .ffcv_loader import write_beton
+    try:
+        from .ffcv_loader import write_beton
+    except ImportError as e:
+        raise ConvertError(f"writing .beton files needs FFCV, the ffcv extra: pip install 'fastft[ffcv]' "
+                           f"({e})") from None
     from .imagefolder import read_class_list
 
     out = Path(out).expanduser()
@@ -235,8 +239,8 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
         raise ConvertError(f"--max-resolution {max_resolution}: must be a positive number of pixels")
     if out.exists() and not force:
         raise ConvertError(f"{out}: already exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise ConvertError(f"{out.parent}: no such folder to write {out.name} into")
+    if next((p for p in out.parents if p.exists()), Path(".")).is_file():
+        raise ConvertError(f"{out}: a parent of it is a file, not a folder; choose another output path")
     root = resolve_source(src, split, cache_dir)
     if subset is not None and not Path(subset).is_file():
         raise ConvertError(f"--subset {subset}: no such file (one class folder name per line)")
@@ -248,6 +252,7 @@ def convert(src: str, out: str | Path, *, split: str = "train", subset: str | No
     if not source.files:
         raise ConvertError(f"{root}: no image files in its class folders")
 
+    out.parent.mkdir(parents=True, exist_ok=True)  # after every check: a refused conversion creates nothing
     remove_stale(out.parent)  # what a killed conversion left here
     _remove(Path(f"{out}.tmp"), Path(f"{out}.json.tmp"))  # the same, named by fastft before the PID was in the name
     tmp, meta_tmp = Path(f"{out}.tmp-{os.getpid()}"), Path(f"{out}.json.tmp-{os.getpid()}")

@@ -14,12 +14,15 @@ skipped as unreadable): it lets errors name the source file and lets eval code s
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
 from queue import Empty
 from typing import Callable, Iterator, Sequence
+from unittest import mock
 
+import ffcv.writer
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
@@ -37,6 +40,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.writer import DatasetWriter
 from torch.utils.data import DistributedSampler
+from tqdm import tqdm
 
 from . import batch_augment, color_numba
 from .augment import blur_kernel_size, crop_step
@@ -85,13 +89,15 @@ class BetonInfo:
 
 def write_beton(path: str | Path, dataset, *, write_mode: str, max_resolution: int | None, jpeg_quality: int,
                 compress_probability: float, smart_threshold: int, num_workers: int, chunksize: int = 64) -> None:
-    """Write `dataset` ((uint8 HxWx3 array, label) per index) to `path` with FFCV's writer and progress bar."""
+    """Write `dataset` ((uint8 HxWx3 array, label) per index) to `path` with FFCV's writer and its progress bar,
+    drawn on a terminal only (`disable=None`: in a log file its redraws pile up as carriage-return frames)."""
     fields = {
         "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
                                compress_probability=compress_probability, smart_threshold=smart_threshold),
         "label": IntField(),
     }
-    DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(dataset, chunksize=chunksize)
+    with mock.patch.object(ffcv.writer, "tqdm", functools.partial(tqdm, disable=None)):
+        DatasetWriter(str(path), fields, num_workers=num_workers).from_indexed_dataset(dataset, chunksize=chunksize)
 
 
 def read_beton(path: str | Path) -> Iterator[tuple[np.ndarray, int]]:

@@ -1,6 +1,6 @@
 """Check which way imports run (the contracts in .importlinter) with import-linter: `python scripts/lint_imports.py`.
 
-pipelines/ and kernels/ install as fastft.pipelines and fastft.kernels (setup.py `package_dir`), but
+pipelines/ and kernels/ install as fastft.pipelines and fastft.kernels (pyproject.toml `package-dir`), but
 import-linter reads packages from disk. So the check runs on a copy of the source laid out as installed
 (fastft/ with pipelines/ and kernels/ inside), in a Python started with -S: the editable install's import
 hook would otherwise point `fastft` back at the source folder. `make test` runs it before pytest.

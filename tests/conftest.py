@@ -1,3 +1,5 @@
+import ast
+import gc
 import os
 import re
 import subprocess
@@ -9,6 +11,18 @@ import torch
 
 # Two cores: keep torch from oversubscribing when DataLoader workers run beside it.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def parse_python(path) -> ast.Module:
+    """ast.parse of a source file, with the garbage collector held off: CPython 3.11's parser fails with
+    "AST constructor recursion depth mismatch" when a finalizer that raises (numba's, after the FFCV tests) runs
+    inside it."""
+    gc.collect()
+    gc.disable()
+    try:
+        return ast.parse(Path(path).read_text())
+    finally:
+        gc.enable()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import parse_python, tiny_overrides
 from fastft.bench.cli import main
 from fastft.bench.report import verdict
 from fastft.bench.step import PHASES, HeldBatches, PhaseClock, make_trainer, run_steps
@@ -241,7 +241,7 @@ def test_the_baseline_is_mocos_recipe_with_nothing_of_fastft_in_its_path(tmp_pat
     from PIL import Image
     from torchvision import datasets
     from fastft.bench import moco_recipe
-    tree = ast.parse(open(moco_recipe.__file__).read())
+    tree = parse_python(moco_recipe.__file__)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported <= {"__future__", "random", "pathlib", "typing", "torch", "torchvision", "PIL"}, imported

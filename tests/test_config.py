@@ -188,3 +188,60 @@ def test_the_one_sided_variants_are_the_authors():
     pos, neg = (load_config(root / f"{n}_elementwise.yaml").ft for n in ("pos", "neg"))
     assert (pos.pos, pos.neg, pos.dim_mask, pos.alpha_pos, pos.dist) == ("extrapolate", "none", "pos", 2.0, "beta")
     assert (neg.pos, neg.neg, neg.dim_mask, neg.alpha_neg, neg.dist) == ("none", "interpolate", "neg", 2.0, "beta")
+
+
+def test_packaged_configs_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    from fastft.config import find_config, packaged_configs
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert {"demo", "in1k", "in100", "ablations/neg"} <= set(packaged_configs())
+    for name in ("demo", "demo.yaml", "configs/demo.yaml"):
+        assert find_config(name) == packaged_configs()["demo"]
+    assert load_config("ablations/neg").ft.neg == "interpolate"
+    (tmp_path / "demo").mkdir()  # a path that exists wins over the packaged name
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config("demo")
+    with pytest.raises(ConfigError, match=r"config file nope does not exist.*one of: .*demo, in100, in1k"):
+        load_config("nope")
+
+
+def test_a_copied_config_finds_the_packaged_class_list(tmp_path, monkeypatch):
+    from fastft.config import find_config, resolve_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text(find_config("in100").read_text())
+    cfg = load_config("mine.yaml")
+    found = resolve_path(cfg, cfg.data.class_list)
+    assert found.is_file() and found.name == "imagenet100.txt" and found.parent == find_config("in100").parent
+    (tmp_path / "imagenet100.txt").write_text("n01\n")  # one beside the config wins
+    assert resolve_path(cfg, cfg.data.class_list) == tmp_path / "imagenet100.txt"
+
+
+def test_print_config_shows_every_key_with_type_range_and_default_and_loads_back(tmp_path, capsys):
+    from fastft.config import _all_keys, parse_yaml
+    from fastft.train import main
+    assert main(["demo", "optim.epochs=3", "--print-config", f"run.out_dir={tmp_path / 'r'}"]) == 0
+    text = capsys.readouterr().out
+    assert not (tmp_path / "r").exists()  # printing trains nothing
+    cfg = load_config("demo", ["optim.epochs=3", f"run.out_dir={tmp_path / 'r'}"])
+    assert parse_yaml(text) == cfg.to_dict()  # the printout is a config that loads back to the same
+    lines, section = {}, ""
+    for line in text.splitlines()[1:]:
+        if line.startswith("  "):
+            lines[f"{section}.{line.split(':')[0].strip()}"] = line
+        else:
+            section = line.rstrip(":")
+    assert sorted(lines) == sorted(_all_keys(Config))
+    assert "# an integer in [1, inf); default 200  (changed)" in lines["optim.epochs"]
+    assert "# a number in [0.0, 1.0]; default 0.999  (changed)" in lines["model.momentum"]  # demo sets 0.99
+    assert "one of 'torchvision', 'dali', 'ffcv'; default torchvision" in lines["loader.backend"]
+    assert "(changed)" not in lines["loader.backend"]
+
+
+def test_list_configs_and_a_missing_config(capsys):
+    from fastft.train import main
+    assert main(["--list-configs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("demo ") and "built-in digits" in line for line in listing)
+    assert any(line.startswith("ablations/neg ") for line in listing)
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "required: CONFIG" in capsys.readouterr().err

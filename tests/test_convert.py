@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import parse_python
 from fastft.pipelines import convert_cli
 from fastft.pipelines.builtin import digits_arrays, digits_split
 from fastft.pipelines.loader import available_backends
@@ -55,12 +56,13 @@ def test_round_trip_keeps_every_photo_and_label(photos, tmp_path, capsys):
         assert np.abs(img - src).mean() < 3.0  # re-encoded at JPEG quality 90 (smart mode: photos -> JPEG)
 
 
-def test_builtin_digits_round_trip_exactly(tmp_path, data_cache):
-    out = tmp_path / "digits_val.beton"
+def test_builtin_digits_round_trip_exactly(tmp_path, data_cache, capsys):
+    out = tmp_path / "digits" / "val.beton"  # a missing output folder is created
     assert run("builtin:digits", out, "--split", "val", "--cache-dir", data_cache, "--num-workers", "1") == 0
+    assert "\r" not in capsys.readouterr().err  # no progress-bar frames where the output is not a terminal
     images, labels = digits_arrays()
     _, val = digits_split(labels)
-    meta = json.loads((tmp_path / "digits_val.beton.json").read_text())
+    meta = json.loads((tmp_path / "digits" / "val.beton.json").read_text())
     samples = stored(out)
     assert len(samples) == len(val) == 360
     for (img, label), rel in zip(samples, meta["files"]):
@@ -100,6 +102,10 @@ def test_missing_source_and_empty_class_are_named(tmp_path, capsys):
     assert run(root, tmp_path / "o.beton") == 2
     assert f"{root / 'empty_class'}: class folder holds no images" in capsys.readouterr().err
     assert not (tmp_path / "o.beton").exists()
+    assert not list(tmp_path.glob("o.beton*"))
+    (tmp_path / "file").write_text("")
+    assert run(root, tmp_path / "file" / "sub" / "o.beton") == 2
+    assert "a parent of it is a file" in capsys.readouterr().err
     assert run(root, tmp_path / "o.beton", "--skip-bad", "--num-workers", "1") == 0
     assert json.loads((tmp_path / "o.beton.json").read_text())["empty_classes"] == ["empty_class"]
 
@@ -186,10 +192,10 @@ def test_the_command_module_is_imported_by_no_module():
     root = Path(__file__).resolve().parents[1]
     for path in sorted([*root.glob("pipelines/*.py"), *root.glob("fastft/*.py"), *root.glob("kernels/*.py")]):
         imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse_python(path)):
             if isinstance(node, ast.Import):
                 imported |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 imported |= {node.module or ""} | {f"{node.module or ''}.{a.name}" for a in node.names}
         assert not any(name.split(".")[-1] == "convert_cli" for name in imported), f"{path} imports it"
-    assert "fastft.pipelines.convert_cli:main" in (root / "setup.py").read_text()
+    assert "fastft.pipelines.convert_cli:main" in (root / "pyproject.toml").read_text()

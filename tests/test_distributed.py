@@ -43,7 +43,8 @@ def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 def two_rank_run(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("ddp")
     ov = tiny_overrides(out, data_cache, **{"optim.epochs": 1, "run.steps_per_epoch": 4, "model.queue_size": 20})
-    run(torchrun(PROBE, "train", str(out), *ov))
+    proc = run(torchrun(PROBE, "train", str(out), *ov))
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # no deprecation warnings from our calls, on any rank
     return [torch.load(out / f"probe_train_w2_rank{r}.pt", weights_only=False) for r in (0, 1)], out
 
 

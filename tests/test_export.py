@@ -127,13 +127,29 @@ def test_small_stem_is_refused_unless_allowed(tmp_path, capsys):
     assert not (tmp_path / "a.pth").exists()
     with pytest.raises(ckpt_io.CheckpointError, match="detectron2 cannot load"):
         export(ckpt, "detectron2", tmp_path / "a.pkl")
-    # Allowed: it loads strictly into the small-stem build that the README points to.
-    assert main([str(ckpt), "--format", "torchvision", str(tmp_path / "a.pth"), "--allow-small-stem"]) == 0
-    net, _ = build_backbone("resnet18", small_stem=True)
-    net.load_state_dict(torch.load(tmp_path / "a.pth", weights_only=True), strict=True)
+    # Allowed: the file records the stem, and the recipe the command prints builds the model and loads it.
+    out = tmp_path / "a.pth"
+    assert main([str(ckpt), "--format", "torchvision", str(out), "--allow-small-stem"]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert (saved["arch"], saved["small_stem"]) == ("resnet18", True) and "stride=1" in saved["stem"]
+    printed = capsys.readouterr().out
+    recipe = printed.split("load with: ", 1)[1].strip()
+    scope: dict = {}
+    exec(recipe, scope)  # the printed line, verbatim: torch and torchvision only
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(net.eval()(x), fastft_features(ckpt, cfg, x))
+        torch.testing.assert_close(scope["model"].eval()(x), fastft_features(ckpt, cfg, x))
+
+
+def test_printed_recipe_loads_a_standard_export(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = write_checkpoint(ckpt, "resnet18")
+    assert main([str(ckpt), "--format", "torchvision", str(tmp_path / "r18.pth")]) == 0
+    scope: dict = {}
+    exec(capsys.readouterr().out.split("load with: ", 1)[1].strip(), scope)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), fastft_features(ckpt, cfg, x))
 
 
 def test_non_fastft_files_and_bad_outputs_are_refused(tmp_path, capsys):

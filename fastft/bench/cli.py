@@ -68,7 +68,7 @@ PROG = "fastft-bench"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = parser(PROG, __doc__)
     ap.add_argument("mode", choices=MODES, help="what to measure (see above)")
-    ap.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    ap.add_argument("--config", required=True, help="a YAML file or a packaged config name (demo, in1k, ...)")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="overrides run.device")
     ap.add_argument("--json", type=Path, help="also write every number, the machine, versions and config here")
     d = Settings()
