@@ -131,6 +131,8 @@ class DALILoader:
         """Cropped uint8 NHWC views -> the rest of the spec in the executor -> the interface, on the device."""
         if self.executor == "numba":
             color_numba.augment_batch(u8.numpy(), self.aug, self.image_size, self.threads)  # in place
+            if self.device.type == "cpu":
+                return color_numba.normalize(u8, self.channels_last)
             return batch_augment.normalize_uint8_nhwc(u8.to(self.device, non_blocking=True), self.channels_last)
         return batch_augment.augment_uint8_nhwc(u8.to(self.device, non_blocking=True), self.aug, self.image_size,
                                                 self._gen, self.channels_last)

@@ -339,6 +339,8 @@ class FFCVLoader:
         u8 = u8.to(self.device, non_blocking=True)
         if self.executor == "torch" and self.train:
             return batch_augment.augment_uint8_nhwc(u8, self.aug, self.image_size, self._gen, self.channels_last)
+        if self.device.type == "cpu" and self.executor == "numba":
+            return color_numba.normalize(u8, self.channels_last)
         return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
 
     def __iter__(self) -> Iterator[Batch]:

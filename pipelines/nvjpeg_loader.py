@@ -256,6 +256,8 @@ class NvJPEGLoader:
         return (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1_000_033 + batch) % (2 ** 63)
 
     def _interface(self, u8: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu" and self.executor == "numba":
+            return color_numba.normalize(u8, self.channels_last)
         return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
 
     def _decode(self, datas: list[torch.Tensor], labels: torch.Tensor, paths: list[str]

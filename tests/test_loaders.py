@@ -454,3 +454,15 @@ def test_ffcv_without_beton_dir_says_how_to_make_one(tmp_path, data_cache):
     with pytest.raises(FileNotFoundError, match=r"^loader.beton_dir .*: no .*train.beton; write it with "
                                                 r"`fastft-convert-dataset"):
         pretrain_loader(cfg, CPU)
+
+
+def test_numba_normalisation_equals_the_torch_one():
+    """The CPU fast path of the loader interface (color_numba.normalize) against batch_augment's torch ops."""
+    from fastft.pipelines import batch_augment, color_numba
+    u8 = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8)
+    for channels_last in (True, False):
+        got = color_numba.normalize(u8, channels_last)
+        want = batch_augment.normalize_uint8_nhwc(u8, channels_last)
+        assert got.shape == want.shape == (5, 3, 7, 9) and got.dtype == torch.float32
+        assert got.is_contiguous(memory_format=torch.channels_last) == channels_last or not channels_last
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
