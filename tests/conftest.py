@@ -17,7 +17,6 @@ def parse_python(path) -> ast.Module:
     """ast.parse of a source file, with the garbage collector held off: CPython 3.11's parser fails with
     "AST constructor recursion depth mismatch" when a finalizer that raises (numba's, after the FFCV tests) runs
     inside it."""
-    gc.collect()
     gc.disable()
     try:
         return ast.parse(Path(path).read_text())

@@ -232,7 +232,7 @@ def test_print_config_shows_every_key_with_type_range_and_default_and_loads_back
     assert sorted(lines) == sorted(_all_keys(Config))
     assert "# an integer in [1, inf); default 200  (changed)" in lines["optim.epochs"]
     assert "# a number in [0.0, 1.0]; default 0.999  (changed)" in lines["model.momentum"]  # demo sets 0.99
-    assert "one of 'torchvision', 'dali', 'ffcv'; default torchvision" in lines["loader.backend"]
+    assert "one of 'torchvision', 'dali', 'ffcv', 'nvjpeg'; default torchvision" in lines["loader.backend"]
     assert "(changed)" not in lines["loader.backend"]
 
 

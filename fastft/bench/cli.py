@@ -7,7 +7,8 @@
     fastft-bench ddp    --config configs/demo.yaml --world 4
 
 Modes (an image is always two augmented views, through the query and the key encoder):
-  loader  images/s of each installed loader backend on the config's data, alone (no model).
+  loader  images/s of each installed loader backend on the config's data, alone (no model), each against MoCo's
+          own DataLoader recipe (torchvision ImageFolder + its v2 transforms, PIL blur), always timed too.
   model   the Trainer's own training loop on one synthetic batch already on the device: the upper bound of
           training throughput (no data cost).
   step    model again, with a clock at each phase of the step (query forward, momentum update + key forward,
@@ -23,7 +24,7 @@ Modes (an image is always two augmented views, through the query and the key enc
           on, and on + untransformed, and the logging calls (observe + commit, flush) alone.
   ddp     what a step sends between ranks: --world gloo processes on the CPU run the real step under each
           model.key_bn; every collective's bytes (received per rank, from the tensors handed to it) and time,
-          per step, then the scaling model at 8, 64 and 256 GPUs (fastft/bench/ddp.py, scaling.py).
+          per step, then the scaling model at 8, 64 and 256 GPUs.
 Comparisons within one invocation run interleaved (A B A B ...), each candidate once untimed first; medians of
 --repeats are reported. Each timed run is --warmup untimed steps (or batches) then --steps timed ones; runs
 through a real loader (loader, train) round both up to whole waves of loader.workers, since each DataLoader
