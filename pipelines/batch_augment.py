@@ -9,8 +9,9 @@ the colour semantics that both executors implement. They are torchvision's (the 
   `randperm(4)` per call); brightness/contrast/saturation factors ~ U[max(0, 1 - x), 1 + x], hue ~ U[-h, h];
   contrast blends with the image's mean grey, saturation with its own grey (ITU-R 601 luma, as PIL's "L");
   hue shifts the HSV hue; the result is clipped to [0, 1] after every op.
-- grayscale: luma in all three channels. gaussian_blur: separable kernel of blur_kernel_size(image_size) taps,
-  sigma ~ U[sigma_min, sigma_max], reflect padding. horizontal_flip: mirror.
+- grayscale: luma in all three channels. gaussian_blur: MoCo's (PIL's GaussianBlur, radius = sigma ~
+  U[sigma_min, sigma_max]): three box passes of fractional radius, as one separable kernel (pil_blur_kernels),
+  reflect padding. horizontal_flip: mirror.
 Each step is applied with its probability `p`, independently per image.
 """
 from __future__ import annotations
@@ -76,18 +77,28 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     return gray(x).expand_as(x).contiguous()
 
 
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """[B] sigmas -> [B, size] normalised 1-D kernels (torchvision's: taps at -(size-1)/2 .. (size-1)/2)."""
-    half = (size - 1) / 2
-    t = torch.linspace(-half, half, size, device=sigma.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t[None, :] / sigma[:, None].float()) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
+def pil_blur_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """[B] sigmas -> [B, size] 1-D kernels of PIL's GaussianBlur(radius=sigma), centred: three passes of a box of
+    radius l + a (l whole taps, the two end taps weighted a), with l and a chosen so that the three passes have
+    variance sigma^2 (Gwosdek et al. 2011, as PIL's ImagingGaussianBlur). Cut to `size` taps (renormalised)."""
+    s2 = sigma.double() ** 2 / 3
+    l = torch.floor((torch.sqrt(12 * s2 + 1) - 1) / 2)
+    a = (2 * l + 1) * (l * (l + 1) - 3 * s2) / (6 * (s2 - (l + 1) ** 2))
+    half = size // 2
+    t = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float64).abs()[None, :]
+    box = torch.where(t <= l[:, None], 1.0, torch.where(t == l[:, None] + 1, a[:, None], 0.0))
+    box = box / (2 * l + 1 + 2 * a)[:, None]  # [B, size]
+    b = box.shape[0]
+    k = box
+    for _ in range(2):  # box * box * box, each convolution cut to `size` taps around the centre
+        k = F.conv1d(k[None], box.flip(-1)[:, None], padding=half, groups=b)[0]
+    return (k / k.sum(dim=1, keepdim=True)).float()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Separable blur with one sigma per image, reflect padding (as torchvision)."""
+    """MoCo's (PIL's) blur with one sigma per image, as a separable kernel; reflect padding."""
     b, c, h, w = x.shape
-    k = gaussian_kernels(sigma, size).repeat_interleave(c, dim=0)  # [B*C, size]
+    k = pil_blur_kernels(sigma, size).repeat_interleave(c, dim=0)  # [B*C, size]
     pad = size // 2
     y = x.reshape(1, b * c, h, w)
     y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), k.view(b * c, 1, 1, size), groups=b * c)

@@ -144,15 +144,29 @@ def _kernels():
             b[p] = _channel(vmax, chroma, _wrap6(hue6 + np.float32(1.0)))
 
     @jit
+    def pil_kernel(sigma):
+        """PIL's GaussianBlur(radius=sigma) as one 1-D kernel: three passes of a box of radius l + a (the end
+        taps weighted a), of total variance sigma^2 (batch_augment.pil_blur_kernels, the same formula)."""
+        s2 = sigma * sigma / 3.0
+        l = int(np.floor((np.sqrt(12.0 * s2 + 1.0) - 1.0) / 2.0))
+        a = (2 * l + 1) * (l * (l + 1) - 3.0 * s2) / (6.0 * (s2 - (l + 1) * (l + 1)))
+        box = np.ones(2 * l + 3, dtype=np.float64)
+        box[0] = a
+        box[-1] = a
+        box /= 2 * l + 1 + 2 * a
+        k = box
+        for _ in range(2):
+            k = np.convolve(k, box)
+        return k  # 6 l + 7 taps
+
+    @jit
     def blur(x, h, w, sigma, size):
-        """Separable Gaussian on each plane, reflect padding (as torchvision). Taps beyond 5 sigma (weight
-        < 4e-6 of the centre) are left out: they cannot move a uint8 value."""
-        half = min(size // 2, int(np.ceil(5.0 * sigma)))
+        """MoCo's (PIL's) blur as a separable kernel on each plane, reflect padding, at most `size` taps."""
+        full = pil_kernel(sigma)
+        half = min(size // 2, full.shape[0] // 2)
         taps = 2 * half + 1
-        k = np.empty(taps, dtype=np.float32)
-        for t in range(taps):
-            d = (t - half) / sigma
-            k[t] = np.exp(-0.5 * d * d)
+        cut = full.shape[0] // 2 - half
+        k = full[cut:cut + taps].astype(np.float32)
         k /= k.sum()
         row = np.empty(w + 2 * half, dtype=np.float32)
         tmp = np.empty(h * w, dtype=np.float32)
