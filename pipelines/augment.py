@@ -57,9 +57,10 @@ BLUR_SIGMA_MAX = 2.0  # the largest sigma of any recipe here (MoCo v2's 0.1-2)
 
 
 def blur_kernel_size(image_size: int, sigma_max: float = BLUR_SIGMA_MAX) -> int:
-    """Taps of the batched executors' Gaussian: +-3 sigma_max (13 for sigma 2), as PIL's blur reaches, at any
-    image size; at most 2 * image_size - 1 (reflect padding needs fewer than image_size on each side)."""
-    taps = 2 * math.ceil(3 * sigma_max) + 1
+    """Taps the executors' blur needs at sigma_max: PIL's three box passes of radius l + a span 6 l + 7 taps, with
+    l = floor((sqrt(4 sigma^2 + 1) - 1) / 2) (13 at sigma 2), at any image size; at most 2 * image_size - 1
+    (reflect padding needs fewer than image_size on each side)."""
+    taps = 6 * math.floor((math.sqrt(4 * sigma_max ** 2 + 1) - 1) / 2) + 7
     return max(1, min(taps, 2 * image_size - 1))
 
 
