@@ -1,9 +1,10 @@
 """Check which way imports run (the contracts in .importlinter) with import-linter: `python scripts/lint_imports.py`.
 
-pipelines/ and kernels/ install as fastft.pipelines and fastft.kernels (pyproject.toml `package-dir`), but
-import-linter reads packages from disk. So the check runs on a copy of the source laid out as installed
-(fastft/ with pipelines/ and kernels/ inside), in a Python started with -S: the editable install's import
-hook would otherwise point `fastft` back at the source folder. `make test` runs it before pytest.
+pipelines/ and kernels/ install as fastft.pipelines and fastft.kernels (pyproject.toml `package-dir`), and
+import-linter reads packages from disk: the checkout holds fastft/kernels and fastft/pipelines as symlinks to
+them, so a plain `lint-imports` sees the installed layout. This script checks a copy of the source laid out as
+installed (no symlinks), in a Python started with -S (the editable install's import hook would otherwise point
+`fastft` back at the source folder): what `make test` runs before pytest, and what the tests call.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ LAYOUT = {"fastft": "fastft", "pipelines": "fastft/pipelines", "kernels": "fastf
 def installed_layout(dest: Path, repo: Path = REPO) -> Path:
     """A copy of the three source folders under `dest`, nested as they install; returns `dest`."""
     for src, to in LAYOUT.items():
-        shutil.copytree(repo / src, dest / to, ignore=shutil.ignore_patterns("__pycache__"))
+        # fastft/kernels and fastft/pipelines in the checkout are symlinks to the real folders: copied once, here.
+        shutil.copytree(repo / src, dest / to, ignore=shutil.ignore_patterns("__pycache__", *(
+            [] if src != "fastft" else ["kernels", "pipelines"])))
     return dest
 
 

@@ -41,7 +41,9 @@ def test_every_module_is_named_in_the_contracts_that_list_modules():
     cfg.read(REPO / ".importlinter")
     listed = lambda contract, key: set(cfg[f"importlinter:contract:{contract}"][key].split())
     core = {f"fastft.{p.stem}" for p in (REPO / "fastft").glob("*.py") if p.stem != "__init__"}
-    core |= {f"fastft.{p.name}" for p in (REPO / "fastft").iterdir() if (p / "__init__.py").is_file()}
+    # fastft/kernels and fastft/pipelines are symlinks to the top-level folders, listed on their own
+    core |= {f"fastft.{p.name}" for p in (REPO / "fastft").iterdir() if (p / "__init__.py").is_file()
+             and not p.is_symlink()}
     pipelines = {f"fastft.pipelines.{p.stem}" for p in (REPO / "pipelines").glob("*.py") if p.stem != "__init__"}
     assert core - listed("kernels", "forbidden_modules") == set()
     assert core - listed("pipelines", "forbidden_modules") == set()
