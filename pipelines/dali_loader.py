@@ -27,7 +27,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from . import batch_augment, color_numba
 from .augment import IMAGENET_MEAN, IMAGENET_STD, crop_step
 from .bad_images import BadImageError, BadImagePolicy, BadImages, find_bad_cached
-from .spec import color_executor
+from .spec import color_executor, to_interface
 
 MEAN255 = [255 * m for m in IMAGENET_MEAN]
 STD255 = [255 * s for s in IMAGENET_STD]
@@ -131,9 +131,7 @@ class DALILoader:
         """Cropped uint8 NHWC views -> the rest of the spec in the executor -> the interface, on the device."""
         if self.executor == "numba":
             color_numba.augment_batch(u8.numpy(), self.aug, self.image_size, self.threads)  # in place
-            if self.device.type == "cpu":
-                return color_numba.normalize(u8, self.channels_last)
-            return batch_augment.normalize_uint8_nhwc(u8.to(self.device, non_blocking=True), self.channels_last)
+            return to_interface(u8.to(self.device, non_blocking=True), self.executor, self.channels_last)
         return batch_augment.augment_uint8_nhwc(u8.to(self.device, non_blocking=True), self.aug, self.image_size,
                                                 self._gen, self.channels_last)
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from . import batch_augment, color_numba
 from .augment import blur_kernel_size, crop_step
 from .bad_images import BadImagePolicy, BadImages
-from .spec import color_executor
+from .spec import color_executor, to_interface
 
 META_FORMAT = "fastft-beton/1"
 SKIPPED = "unreadable when converted (skipped by fastft-convert-dataset --skip-bad)"
@@ -339,9 +339,7 @@ class FFCVLoader:
         u8 = u8.to(self.device, non_blocking=True)
         if self.executor == "torch" and self.train:
             return batch_augment.augment_uint8_nhwc(u8, self.aug, self.image_size, self._gen, self.channels_last)
-        if self.device.type == "cpu" and self.executor == "numba":
-            return color_numba.normalize(u8, self.channels_last)
-        return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
+        return to_interface(u8, self.executor, self.channels_last)
 
     def __iter__(self) -> Iterator[Batch]:
         for path in self.skipped if self.rank == 0 else []:

@@ -41,7 +41,7 @@ from torchvision.ops import roi_align
 from . import batch_augment, color_numba
 from .augment import crop_step
 from .bad_images import BadImageError, BadImagePolicy, BadImages, UnreadableImage, load_rgb
-from .spec import color_executor
+from .spec import color_executor, to_interface
 
 # torchvision 0.29 marks its image codecs deprecated in favour of torchcodec, which the GPU check machines do not
 # carry; nvJPEG through torchvision is this backend's point. Silenced for exactly that message.
@@ -256,9 +256,7 @@ class NvJPEGLoader:
         return (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1_000_033 + batch) % (2 ** 63)
 
     def _interface(self, u8: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu" and self.executor == "numba":
-            return color_numba.normalize(u8, self.channels_last)
-        return batch_augment.normalize_uint8_nhwc(u8, self.channels_last)
+        return to_interface(u8, self.executor, self.channels_last)
 
     def _decode(self, datas: list[torch.Tensor], labels: torch.Tensor, paths: list[str]
                 ) -> tuple[list[torch.Tensor], torch.Tensor]:
