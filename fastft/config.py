@@ -152,6 +152,8 @@ class KnnConfig:
     # Also report kNN on the pixels (as the eval transform gives them): the floor that shows what the encoder adds
     # (cheap on small data only).
     pixels: bool = False
+    # kNN of the encoder at random initialisation before the first step: the baseline beside the trained number.
+    random_init: bool = True
 
 
 @dataclass

@@ -89,3 +89,37 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+# What a run reports, in the order tables show it: its own accuracies, then the baselines beside them.
+RESULTS = ("kNN", "linear", "kNN random init", "linear random init", "kNN pixels")
+
+
+def _last_number(records: list[dict], key: str, kind: str, encoder: str | None = None) -> float | None:
+    for r in reversed(records):
+        if r.get("kind") == kind and r.get("encoder") == encoder and isinstance(r.get(key), (int, float)):
+            return float(r[key])
+    return None
+
+
+def run_results(run_dir: Path, records: list[dict]) -> dict[str, float]:
+    """The run's final accuracies and its baselines (RESULTS keys), each only where the run recorded it.
+
+    kNN from summary.json (`knn_top1`, `knn_init_top1`, `knn_pixels_top1`), else from metrics.jsonl (epoch
+    records' `knn_top1`, the step-0 kNN record); the linear probe from metrics.jsonl's records of kind "linear",
+    one per encoder (`pretrained`, `random_init`).
+    """
+    summary: dict = {}
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    found = {
+        "kNN": summary.get("knn_top1", _last_number(records, "knn_top1", "epoch")),
+        "kNN random init": summary.get("knn_init_top1", _last_number(records, "random_init_top1", "knn")),
+        "kNN pixels": summary.get("knn_pixels_top1", _last_number(records, "pixels_top1", "knn")),
+        "linear": _last_number(records, "top1", "linear", "pretrained"),
+        "linear random init": _last_number(records, "top1", "linear", "random_init"),
+    }
+    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}

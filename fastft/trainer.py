@@ -239,8 +239,9 @@ class Trainer(ResumableRun):
                      + (f"; optim.epochs {before} -> {self.epochs}: the lr follows the schedule of the new length"
                         if before != self.epochs else ""))
         self.prepare()
-        if self.step == 0 and cfg.knn.every > 0:
-            self.knn_init = self.knn()
+        if self.step == 0 and cfg.knn.every > 0 and (cfg.knn.random_init or cfg.knn.pixels):
+            if cfg.knn.random_init:
+                self.knn_init = self.knn()
             if cfg.knn.pixels:
                 self.knn_pixels = self.knn(pixels=True)
             # Named for what was measured: at step 0 the encoder is at random initialisation.

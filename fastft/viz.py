@@ -33,7 +33,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from . import cli  # noqa: E402
 from .atomic import write_text  # noqa: E402
-from .metrics import read_metrics  # noqa: E402
+from .metrics import RESULTS, read_metrics, run_results  # noqa: E402
 from .score_stats import BinSpec, RunScores, ScoresError, read_scores  # noqa: E402
 
 # Every logged score series: (series key, panel title, y-axis label, log scale). The first three are the paper's.
@@ -45,7 +45,6 @@ CURVES = (("pos_mean", "pos score mean", "mean of q\u0302\u00b7k\u0302", False),
 # The paper's stacked 3D figure, one panel per statistic.
 SWEEP_CURVES = CURVES[:3]
 # Results of a run and its baselines, in the order of the run table; the first two also go in the legend.
-RESULTS = ("kNN", "linear", "kNN random init", "linear random init", "kNN pixels")
 KINDS = (("pos", "pos scores"), ("neg", "neg scores"))
 FEATURE_NAMES = {"ft": "used in the loss (after FT)", "raw": "untransformed (q, k, stored queue)"}
 RC = {"svg.fonttype": "none", "svg.hashsalt": "fastft", "font.size": 9}  # text stays text in SVGs; stable ids
@@ -78,36 +77,6 @@ class Run:
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
-def _last_number(records: list[dict], key: str, kind: str, encoder: str | None = None) -> float | None:
-    for r in reversed(records):
-        if r.get("kind") == kind and r.get("encoder") == encoder and isinstance(r.get(key), (int, float)):
-            return float(r[key])
-    return None
-
-
-def run_results(run_dir: Path, records: list[dict]) -> dict[str, float]:
-    """The run's final accuracies and its baselines (RESULTS keys), each only where the run recorded it.
-
-    kNN from summary.json (`knn_top1`, `knn_init_top1`, `knn_pixels_top1`), else from metrics.jsonl (epoch
-    records' `knn_top1`, the step-0 kNN record); the linear probe from metrics.jsonl's records of kind "linear",
-    one per encoder (`pretrained`, `random_init`).
-    """
-    summary: dict = {}
-    if (run_dir / "summary.json").is_file():
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except json.JSONDecodeError:
-            summary = {}
-    found = {
-        "kNN": summary.get("knn_top1", _last_number(records, "knn_top1", "epoch")),
-        "kNN random init": summary.get("knn_init_top1", _last_number(records, "random_init_top1", "knn")),
-        "kNN pixels": summary.get("knn_pixels_top1", _last_number(records, "pixels_top1", "knn")),
-        "linear": _last_number(records, "top1", "linear", "pretrained"),
-        "linear random init": _last_number(records, "top1", "linear", "random_init"),
-    }
-    return {k: float(v) for k, v in found.items() if isinstance(v, (int, float))}
-
-
 def training_loss(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(steps, loss) of the per-step training records."""
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and isinstance(r.get("loss"), float)]

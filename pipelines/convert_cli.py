@@ -10,9 +10,11 @@ output); import that, never this module (an entry point).
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import signal
 import sys
+from pathlib import Path
 
 from .convert import INTERRUPTED, WRITE_MODES, ConvertError, convert
 
@@ -41,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def class_list(value: str | None) -> str | None:
+    """--subset as given when that file exists, else the class list of that name that ships with fastft (its
+    packaged configs, read as data: `configs/imagenet100.txt` or `imagenet100.txt` from any folder)."""
+    if value is None or Path(value).expanduser().exists():
+        return value
+    packaged = Path(str(importlib.resources.files("fastft.configs")))
+    name = Path(value).as_posix().removeprefix("configs/")
+    return str(packaged / name) if (packaged / name).is_file() else value
+
+
 def _on_signal(signum, frame):  # Ctrl-C, or a job scheduler's kill: clean up the same way
     INTERRUPTED.set()
     raise KeyboardInterrupt
@@ -55,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous[signal.SIGINT] is not signal.SIG_IGN:  # keep "ignored" when a shell set it so
         signal.signal(signal.SIGINT, _on_signal)
     try:
-        r = convert(args.src, args.out, split=args.split, subset=args.subset, max_resolution=args.max_resolution,
+        r = convert(args.src, args.out, split=args.split, subset=class_list(args.subset), max_resolution=args.max_resolution,
                     jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
                     write_mode=args.write_mode, num_workers=args.num_workers, force=args.force,
                     skip_bad=args.skip_bad, cache_dir=args.cache_dir)

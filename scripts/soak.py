@@ -44,8 +44,8 @@ from fastft.metrics import read_metrics
 from fastft.pipelines.stale import writer_pid
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data.image_size": 8, "loader.batch_size": 16, "loader.workers": 0, "model.arch": "resnet18",
-        "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9, "optim.epochs": 12,
+TINY = {"data.path": "builtin:digits", "data.image_size": 8, "loader.batch_size": 16, "loader.workers": 0,
+        "model.arch": "resnet18", "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9, "optim.epochs": 12,
         "optim.lr": 0.06, "run.steps_per_epoch": 3, "run.device": "cpu", "run.progress": False,
         "run.tensorboard": False, "knn.every": 0, "run.log_every": 1, "run.ckpt_every": 1, "run.keep_ckpts": 2}
 TIMING = {"images_per_s"}  # metrics keys that measure time, not training
@@ -257,7 +257,7 @@ def compare(a: Path, b: Path) -> tuple[int, list[str]]:
     return n, diffs
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--torchrun", action="store_true", help="2 torchrun workers; one killed, torchrun restarts")
@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/soak", help="folder of the two runs (emptied first)")
     ap.add_argument("--cache-dir", default="~/.cache/fastft", help="data.cache_dir (the built-in digits)")
     ap.add_argument("extra", nargs="*", help="key=value overrides for both runs (after --)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

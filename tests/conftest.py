@@ -33,8 +33,8 @@ def data_cache(tmp_path_factory):
 def tiny_overrides(out_dir, cache, **extra) -> list[str]:
     """A config small enough for a CPU test: ResNet-18 small stem at 8x8, a few steps per epoch."""
     base = {
-        "data.cache_dir": cache, "data.image_size": 8, "loader.batch_size": 16, "loader.workers": 0,
-        "model.arch": "resnet18", "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9,
+        "data.cache_dir": cache, "data.path": "builtin:digits", "data.image_size": 8, "loader.batch_size": 16,
+        "loader.workers": 0, "model.arch": "resnet18", "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9,
         "optim.epochs": 2, "optim.lr": 0.06, "run.steps_per_epoch": 3, "run.out_dir": str(out_dir),
         "run.device": "cpu", "run.progress": False, "run.tensorboard": False, "knn.every": 0, "run.log_every": 1,
     }

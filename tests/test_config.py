@@ -240,8 +240,26 @@ def test_list_configs_and_a_missing_config(capsys):
     from fastft.train import main
     assert main(["--list-configs"]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("demo ") and "built-in digits" in line for line in listing)
+    assert any(line.startswith("demo ") and "built-in scenes" in line for line in listing)
     assert any(line.startswith("ablations/neg ") for line in listing)
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and "required: CONFIG" in capsys.readouterr().err
+
+
+def test_the_ablation_configs_are_the_demo_but_for_ft():
+    """configs/ablations/*.yaml train the demo's recipe: only ft.* (and the run folder) may differ."""
+    from pathlib import Path
+    root = Path(__file__).parent.parent / "configs"
+
+    def recipe(path):
+        cfg = load_config(path).to_dict()
+        cfg["run"].pop("out_dir")
+        return {k: v for k, v in cfg.items() if k != "ft"}, cfg["ft"]
+
+    demo, demo_ft = recipe(root / "demo.yaml")
+    fts = {}
+    for path in sorted((root / "ablations").glob("*.yaml")):
+        fts[path.stem] = recipe(path)[1]
+        assert recipe(path)[0] == demo, path.name
+    assert fts["both"] == demo_ft and len({str(ft) for ft in fts.values()}) == len(fts) == 6
