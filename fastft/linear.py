@@ -396,6 +396,12 @@ def compare_with_random_init(cfg: Config, info: BackboneInfo, trained: LinearPro
         (ta, _), (tb, _) = (logistic_regression(*p.cached_features()) for p in (trained, base))
         print(f"cross-check, L-BFGS logistic regression on the same cached features: trained {ta:.4f} | "
               f"random init {tb:.4f} (gap {100 * (ta - tb):+.1f} points; the probe's: {100 * (a.top1 - b.top1):+.1f})")
+        # The floor beside both: the same linear fit on the pixels themselves (as kNN's pixel baseline sees them).
+        pixels = FrozenEncoder(nn.Flatten(), trained.device, torch.float32, channels_last=False)
+        tp, _ = logistic_regression(*(pixels.features(eval_loader(cfg, split, trained.device))
+                                      for split in (cfg.data.train_split, cfg.data.val_split)))
+        print(f"linear on the raw pixels (eval transform), the same L-BFGS logistic regression: {tp:.4f} "
+              f"(trained {100 * (ta - tp):+.1f} points)")
     line = knn_line(cfg, info)
     if line:
         print(line)

@@ -139,6 +139,9 @@ def test_compare_cli_records_both_probes_once(pretrained, data_cache, capsys):
     assert f"trained {trained['top1']:.4f} (training loss {trained['train_loss']:.3f}) | random init " \
            f"{random_init['top1']:.4f}" in out_text
     assert "cross-check, L-BFGS logistic regression on the same cached features: trained" in out_text
+    pixels = float(out_text.split("linear on the raw pixels (eval transform), the same L-BFGS logistic regression: ")[1]
+                   .split()[0])
+    assert 0.1 < pixels <= 1  # the 8x8 digits' pixels are far better than chance (10 classes)
     result = json.loads((out / "linear" / f"epoch_{summary['epoch']:04d}" / "result.json").read_text())
     assert result["top1"] == trained["top1"]
     # Running it again resumes the finished probes: same numbers, no duplicate records.
