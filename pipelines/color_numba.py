@@ -160,53 +160,58 @@ def _kernels():
         return k  # 6 l + 7 taps
 
     @jit
+    def axpy(dst, src, a):
+        """dst += a src over contiguous floats: a function of its own, so that LLVM vectorises the loop (inlined
+        into blur's loops it did not, and the blur ran 3.6x slower)."""
+        for j in range(dst.shape[0]):
+            dst[j] += a * src[j]
+
+    @jit
     def blur(x, h, w, sigma, size):
-        """MoCo's (PIL's) blur as a separable kernel on each plane, reflect padding, at most `size` taps."""
+        """MoCo's (PIL's) blur as a separable kernel on each plane, reflect padding, at most `size` taps: one
+        multiply-add of a whole row per tap in both passes."""
         full = pil_kernel(sigma)
-        half = min(size // 2, full.shape[0] // 2)
+        half = min(size // 2, full.shape[0] // 2)  # < w and < h: blur_kernel_size caps the taps
         taps = 2 * half + 1
         cut = full.shape[0] // 2 - half
         k = full[cut:cut + taps].astype(np.float32)
         k /= k.sum()
         row = np.empty(w + 2 * half, dtype=np.float32)
-        tmp = np.empty(h * w, dtype=np.float32)
-        acc = np.empty(w, dtype=np.float32)
+        tmp = np.empty((h, w), dtype=np.float32)
         for c in range(3):
-            xc = x[c]
-            for i in range(h):  # horizontal: pad the row by reflection, then contiguous multiply-adds
-                base = i * w
-                for j in range(w + 2 * half):
-                    jj = j - half
-                    jj = -jj if jj < 0 else (2 * w - 2 - jj if jj >= w else jj)
-                    row[j] = xc[base + jj]
-                for j in range(w):
-                    acc[j] = 0.0
+            xc = x[c].reshape(h, w)
+            for i in range(h):  # horizontal: the row padded by reflection, then shifted copies of it
+                r = xc[i]
+                for j in range(half):
+                    row[half - 1 - j] = r[j + 1]
+                    row[w + half + j] = r[w - 2 - j]
+                row[half:half + w] = r
+                out = tmp[i]
+                out[:] = 0.0
                 for t in range(taps):
-                    kt = k[t]
-                    for j in range(w):
-                        acc[j] += kt * row[j + t]
-                tmp[base:base + w] = acc
-            for i in range(h):  # vertical
-                for j in range(w):
-                    acc[j] = 0.0
+                    axpy(out, row[t:t + w], k[t])
+            for i in range(h):  # vertical: the rows above and below, reflected at the borders
+                out = xc[i]
+                out[:] = 0.0
                 for t in range(taps):
                     ii = i + t - half
                     ii = -ii if ii < 0 else (2 * h - 2 - ii if ii >= h else ii)
-                    kt = k[t]
-                    src = ii * w
-                    for j in range(w):
-                        acc[j] += kt * tmp[src + j]
-                xc[i * w:(i + 1) * w] = acc
+                    axpy(out, tmp[ii], k[t])
+
+    @jit
+    def to_uint8(v):
+        return np.uint8(min(np.float32(255.0), max(np.float32(0.0), v)) + np.float32(0.5))
 
     @jit
     def augment_view(src, dst, prm, prog, blur_size):
         """uint8 HWC src -> dst (may be src) through the steps of `prog`, with the draws in `prm`."""
         h, w = src.shape[0], src.shape[1]
         x = np.empty((3, h * w), dtype=np.float32)
-        for i in range(h):
-            for j in range(w):
-                for c in range(3):
-                    x[c, i * w + j] = src[i, j, c]
+        s, r, g, b = src.reshape(-1), x[0], x[1], x[2]
+        for p in range(h * w):  # plane by plane over the flat pixels: 6x faster than an (i, j, c) nest
+            r[p] = s[3 * p]
+            g[p] = s[3 * p + 1]
+            b[p] = s[3 * p + 2]
         flip = False
         for code in prog:
             if code == JITTER and prm[P_JITTER] > 0.5:
@@ -227,12 +232,17 @@ def _kernels():
                 blur(x, h, w, prm[P_SIGMA], blur_size)
             elif code == FLIP and prm[P_FLIP] > 0.5:
                 flip = True
-        for i in range(h):
-            for j in range(w):
-                jj = w - 1 - j if flip else j
-                for c in range(3):
-                    dst[i, jj, c] = np.uint8(min(np.float32(255.0), max(np.float32(0.0), x[c, i * w + j]))
-                                             + np.float32(0.5))
+        for i in range(h):  # the flip's branch outside the loops, which then vectorise
+            d, base = dst[i].reshape(-1), i * w
+            if flip:
+                end = base + w - 1
+                for j in range(w):
+                    d[3 * j], d[3 * j + 1], d[3 * j + 2] = \
+                        to_uint8(r[end - j]), to_uint8(g[end - j]), to_uint8(b[end - j])
+            else:
+                for j in range(w):
+                    d[3 * j], d[3 * j + 1], d[3 * j + 2] = \
+                        to_uint8(r[base + j]), to_uint8(g[base + j]), to_uint8(b[base + j])
 
     @jit
     def seed(s):
@@ -292,12 +302,17 @@ def _normalize_kernel():
 
     @numba.njit(cache=True, fastmath=True, nogil=True, parallel=True)
     def normalize_views(src, dst, scale, shift):
+        # One row of per-value factors (r g b r g b ...), so that each image row is one contiguous loop that
+        # vectorises: 2x faster than three strided statements per pixel.
+        w3 = src.shape[2] * 3
+        row_scale, row_shift = np.empty(w3, dtype=np.float32), np.empty(w3, dtype=np.float32)
+        for q in range(w3):
+            row_scale[q], row_shift[q] = scale[q % 3], shift[q % 3]
         for i in numba.prange(src.shape[0]):
-            s, d = src[i].reshape(-1), dst[i].reshape(-1)
-            for k in range(0, s.shape[0], 3):
-                d[k] = s[k] * scale[0] - shift[0]
-                d[k + 1] = s[k + 1] * scale[1] - shift[1]
-                d[k + 2] = s[k + 2] * scale[2] - shift[2]
+            for r in range(src.shape[1]):
+                s, d = src[i, r].reshape(-1), dst[i, r].reshape(-1)
+                for q in range(w3):
+                    d[q] = s[q] * row_scale[q] - row_shift[q]
 
     return normalize_views
 

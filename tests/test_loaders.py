@@ -25,7 +25,7 @@ from fastft.data import available_backends, pretrain_loader
 from torchvision import transforms as TT
 
 from fastft.pipelines.augment import (AUG_SPECS, CROP, FLIP, IMAGENET_MEAN, IMAGENET_STD, Step, TwoViews,
-                                      _torchvision_step, torchvision_train_transform)
+                                      _torchvision_step, blur_kernel_size, torchvision_train_transform)
 from fastft.pipelines.imagefolder import SubsetImageFolder
 from fastft.pipelines.photos import write_photo_folder
 from fastft.pipelines.torchvision_loader import TorchvisionLoader
@@ -486,3 +486,41 @@ def test_both_executors_blur_as_pil_does(sigma):
         AUG_SPECS.pop("t_blur_one")
     assert np.abs(torch_row - pil).max() <= 1.5, (torch_row.round(1), pil)
     assert np.abs(numba_row.astype(float) - pil).max() <= 1.5, (numba_row, pil)
+
+
+@pytest.mark.parametrize("case", ["brightness", "jitter", "grayscale", "blur 0.7", "blur 1.9", "flip", "all"])
+def test_numba_kernel_equals_the_torch_executor_on_given_draws(case):
+    """color_numba's per-view kernel against batch_augment's torch ops, the same draws, on a random non-square
+    image (so that both blur passes, their reflect borders and the flip are seen): equal up to the final
+    rounding to uint8."""
+    from fastft.pipelines import batch_augment as ba
+    from fastft.pipelines import color_numba as cn
+    h, w = 17, 29
+    img = np.random.default_rng(3).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    prm = np.zeros(cn.PARAMS, np.float32)
+    prm[cn.P_B:cn.P_H + 1] = [1.3, 1.0, 1.0, 0.0] if case == "brightness" else [1.2, 0.7, 1.4, 0.08]
+    order = [3, 1, 0, 2]
+    prm[cn.P_ORDER:cn.P_ORDER + 4] = order
+    prm[cn.P_SIGMA] = 1.9 if case == "blur 1.9" else 0.7
+    on = {"brightness": [cn.P_JITTER], "jitter": [cn.P_JITTER], "grayscale": [cn.P_GRAY], "blur 0.7": [cn.P_BLUR],
+          "blur 1.9": [cn.P_BLUR], "flip": [cn.P_FLIP], "all": [cn.P_JITTER, cn.P_GRAY, cn.P_BLUR, cn.P_FLIP]}[case]
+    prm[on] = 1.0
+    size = blur_kernel_size(h)
+    got = np.empty_like(img)
+    cn.kernels()[1](img, got, prm, cn.program("mocov2"), size)
+
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255  # the torch ops in mocov2's order
+    one = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    if prm[cn.P_JITTER]:
+        ops = (ba.adjust_brightness, ba.adjust_contrast, ba.adjust_saturation, ba.adjust_hue)
+        for k in order:
+            x = ops[k](x, one(prm[cn.P_B + k]))
+    if prm[cn.P_GRAY]:
+        x = ba.rgb_to_grayscale(x)
+    if prm[cn.P_BLUR]:
+        x = ba.gaussian_blur(x.float(), one(prm[cn.P_SIGMA]), size).double()
+    if prm[cn.P_FLIP]:
+        x = x.flip(-1)
+    want = (x[0].permute(1, 2, 0) * 255).clamp(0, 255).round().numpy()
+    assert not np.array_equal(got, img)  # the case changed the image
+    assert np.abs(got.astype(float) - want).max() <= 1.0
