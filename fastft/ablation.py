@@ -273,14 +273,14 @@ def markdown(results: list[RunResult], args: argparse.Namespace, command: str, w
                     f"{_per_seed(by_seed, seeds, 'knn_top1')} | {_mean_std(_values(results, v, 'knn_top1'))} | "
                     f"{_per_seed(by_seed, seeds, 'linear_top1')} | {_mean_std(_values(results, v, 'linear_top1'))} | "
                     f"{_pair(rs, 'pos_mean', 3)} | {_pair(rs, 'neg_var', 4)} |")
-    first = {}
+    first = {}  # the first variant of each seed: the run that measured the random-init baselines
     for r in results:
         first.setdefault(r.seed, r)
-    init_knn = {r.seed: r.knn_init_top1 for r in results if r.knn_init_top1 is not None}
-    init_lin = {r.seed: r.linear_init_top1 for r in results if r.linear_init_top1 is not None}
+    init = {key: [getattr(r, key) for r in first.values() if getattr(r, key) is not None]
+            for key in ("knn_init_top1", "linear_init_top1")}
     rows.append(f"| random init (same seeds) | | {_per_seed(first, seeds, 'knn_init_top1')} | "
-                f"{_mean_std(list(init_knn.values()))} | {_per_seed(first, seeds, 'linear_init_top1')} | "
-                f"{_mean_std(list(init_lin.values()))} | | |")
+                f"{_mean_std(init['knn_init_top1'])} | {_per_seed(first, seeds, 'linear_init_top1')} | "
+                f"{_mean_std(init['linear_init_top1'])} | | |")
     pixels = _baseline(results, "knn_pixels_top1")
     rows.append(f"| raw pixels | | | {_pct(pixels)} | | | | |")
     trained = [r.seconds for r in results if r.seconds is not None]

@@ -14,6 +14,7 @@ block (a trailing backslash continues it, `#` starts a comment) is one command, 
 - `make TARGET` must name a Makefile target and `pip install ".[EXTRAS]"` extras that pyproject.toml declares.
 Anything else in a bash block fails the test: give it a rule here.
 """
+import functools
 import importlib
 import importlib.util
 import re
@@ -64,7 +65,9 @@ def indented_lines(text: str) -> list[str]:
     return lines
 
 
+@functools.cache
 def fastft_scripts() -> dict[str, str]:
+    """console script -> module, scanned once (the entry points do not change during a run)."""
     return {ep.name: ep.value.split(":")[0] for ep in entry_points(group="console_scripts")
             if ep.value.startswith("fastft.")}
 
