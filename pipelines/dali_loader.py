@@ -33,7 +33,7 @@ MEAN255 = [255 * m for m in IMAGENET_MEAN]
 STD255 = [255 * s for s in IMAGENET_STD]
 
 
-def _crop(images, aug: str, size: int, crop_scale_min: float):
+def random_crop(images, aug: str, size: int, crop_scale_min: float):
     """One random resized crop of each decoded image: uint8 HWC."""
     crop = crop_step(aug, crop_scale_min)
     return fn.random_resized_crop(images, size=(size, size), random_area=list(crop.params["scale"]),
@@ -45,7 +45,8 @@ def _train_graph(files, labels, shard_id, num_shards, decode_device, aug, size, 
     jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
                                    pad_last_batch=True, random_shuffle=False, name="Reader")
     images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    return _crop(images, aug, size, crop_scale_min), _crop(images, aug, size, crop_scale_min), label
+    return (random_crop(images, aug, size, crop_scale_min), random_crop(images, aug, size, crop_scale_min),
+            label)
 
 
 @pipeline_def

@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+AUG = "mocov2"  # the recipe whose steps are timed
+
 
 def positive(text: str) -> int:
     value = int(text)
@@ -65,10 +67,12 @@ def torch_rows(data: list[torch.Tensor], size: int, repeats: int) -> tuple[list[
     from torchvision.io import decode_jpeg
 
     from fastft.pipelines import crops
+    from fastft.pipelines.augment import crop_step
 
     images = [decode_jpeg(d) for d in data]
     hw = torch.tensor([im.shape[1:] for im in images])
-    boxes = crops.crop_boxes(hw, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    crop = crop_step(AUG).params
+    boxes = crops.crop_boxes(hw, crop["scale"], crop["ratio"], torch.Generator().manual_seed(0))
     owner = torch.arange(len(images))
     views = crops.resize_crops(images, boxes, owner, size, "interpolate")
     rows = [("JPEG decode, torchvision (libjpeg-turbo)", "image",
@@ -82,6 +86,8 @@ def dali_rows(files: list[Path], size: int, repeats: int) -> list[tuple[str, str
     """DALI's CPU decode, and its random_resized_crop (the dali backend's CPU graph) as the difference."""
     try:
         from nvidia.dali import fn, pipeline_def, types
+
+        from fastft.pipelines.dali_loader import random_crop
     except ImportError:
         return []
 
@@ -89,10 +95,7 @@ def dali_rows(files: list[Path], size: int, repeats: int) -> list[tuple[str, str
     def graph(crop: bool):
         jpegs, _ = fn.readers.file(files=[str(f) for f in files], random_shuffle=False)
         images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        if not crop:
-            return images
-        return tuple(fn.random_resized_crop(images, size=(size, size), random_area=[0.2, 1.0],
-                                            random_aspect_ratio=[3 / 4, 4 / 3], antialias=True) for _ in range(2))
+        return (random_crop(images, AUG, size, 0.0), random_crop(images, AUG, size, 0.0)) if crop else images
 
     per = {}
     for crop in (False, True):
@@ -115,7 +118,7 @@ def numba_rows(views: torch.Tensor, size: int, repeats: int) -> list[tuple[str, 
 
     numba.set_num_threads(1)
     src, n = views.numpy(), len(views)
-    augment_view, prog, taps = cn.kernels()[1], cn.program("mocov2"), blur_kernel_size(size)
+    augment_view, prog, taps = cn.kernels()[1], cn.program(AUG), blur_kernel_size(size)
     out = np.empty_like(src)
 
     def each(on: list[int], sigma: float = 2.0) -> Callable[[], None]:
@@ -128,7 +131,7 @@ def numba_rows(views: torch.Tensor, size: int, repeats: int) -> list[tuple[str, 
 
     def mix() -> None:
         batch = src.copy()
-        cn.augment_batch(batch, "mocov2", size, threads=1)
+        cn.augment_batch(batch, AUG, size, threads=1)
 
     cn.seed(0)
     return [("colour kernel, no step (planes in and out)", "view", median_ms(each([]), n, repeats)),

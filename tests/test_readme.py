@@ -72,10 +72,15 @@ def fastft_scripts() -> dict[str, str]:
             if ep.value.startswith("fastft.")}
 
 
-def looks_like_command(line: str) -> bool:
-    words = line.split()
+def without_env(words: list[str]) -> list[str]:
+    """The command after any leading `VAR=value` assignments."""
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
         words = words[1:]
+    return words
+
+
+def looks_like_command(line: str) -> bool:
+    words = without_env(line.split())
     return bool(words) and (words[0] in COMMAND_WORDS or words[0].startswith("fastft-")
                             or words[0].endswith("/python"))
 
@@ -91,8 +96,7 @@ def fastft_module(words: list[str]) -> tuple[str, list[str]] | None:
 
 def torchrun_module(words: list[str]) -> list[str] | None:
     """`python -m MODULE ARGS` for a torchrun line (its options checked by torchrun's parser), else None."""
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
-        words = words[1:]
+    words = without_env(words)
     if not words or words[0] != "torchrun":
         return None
     assert "-m" in words, f"torchrun without -m MODULE: {shlex.join(words)}"
