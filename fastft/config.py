@@ -90,11 +90,15 @@ class ModelConfig:
     queue_size: int = bounded(65536, 1)
     momentum: float = bounded(0.999, 0.0, 1.0)
     temperature: float = bounded(0.2, 0.0, None, lo_open=True)
-    # Key-encoder batch norm under DDP (README, "Multi-GPU and multi-node"): MoCo's shuffle-BN by all-to-all
-    # (shuffle: about one local batch of images per rank per step at any world size), the same shuffle by
-    # all-gather as MoCo's code (shuffle_gather: W - 1 batches; the same keys), or SyncBN in both encoders
-    # (sync: global-batch statistics, ~160 small all-reduces per step).
-    key_bn: Literal["shuffle", "shuffle_gather", "sync"] = "shuffle"
+    # How batch norm is kept from leaking a batch signature between queries and keys (README, "Multi-GPU and
+    # multi-node"; fastft/split_bn.py). split: both encoders normalise `bn_splits` groups of each process's batch
+    # separately and the keys are permuted before the key encoder (FAIR's single-GPU MoCo; under DDP combined with
+    # the shuffle across ranks). shuffle: MoCo's shuffle-BN by all-to-all (about one local batch of images per
+    # rank per step at any world size). shuffle_gather: the same shuffle by all-gather as MoCo's code (W - 1
+    # batches; the same keys). sync: SyncBN in both encoders (global-batch statistics, ~160 small all-reduces per
+    # step). auto: split on one process, shuffle under DDP. shuffle and shuffle_gather do nothing on one process.
+    key_bn: Literal["auto", "split", "shuffle", "shuffle_gather", "sync"] = "auto"
+    bn_splits: int = bounded(8, 1)  # groups per process batch for key_bn split; must divide loader.batch_size
 
 
 @dataclass
@@ -128,6 +132,7 @@ class LossConfig:
     queue_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     # The fused kernel on CUDA: fp32 queues multiply on TF32 tensor cores (true, fast) or in full fp32 (false, as
     # the authors' torch code). The torch loss follows torch.backends.cuda.matmul.allow_tf32 (off by default).
+    # Off whatever this says under run.precision: fp32.
     tf32: bool = True
 
 
@@ -161,7 +166,9 @@ class RunConfig:
     out_dir: str = "runs/default"
     seed: int = bounded(0, 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU. fp32: IEEE fp32 everywhere (no TF32 in cuDNN, matmuls or the loss
+    # kernel), as the authors' README command trains; tf32: fp32 on TF32 tensor cores; fp16 uses a GradScaler (fastft/device.py).
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
     log_every: int = bounded(20, 1)  # steps between progress/metrics lines (each costs one host sync)
@@ -183,6 +190,10 @@ class LinearConfig:
     any encoder. MoCo's own optimiser settings are `standardize=false lr=30 schedule=step` (README, "Evaluation")."""
     epochs: int = bounded(100, 1)
     batch_size: int = bounded(256, 1)  # per process
+    # The batch over all processes instead (each takes global_batch / world size, which must divide): the
+    # authors' linear protocol is a total of 16 whatever the GPU count (their --batch_size default, divided by the
+    # world size). 0 = batch_size per process.
+    global_batch: int = bounded(0, 0)
     # Features standardised by a BatchNorm without affine parameters before the linear layer (synchronised
     # across ranks): the same lr then converges whatever the scale of an encoder's features.
     standardize: bool = True
@@ -199,6 +210,16 @@ class LinearConfig:
     eval_every: int = bounded(10, 0)  # epochs between val evaluations; 0 = only after the last epoch
     resume: str = "auto"  # auto | none | path to a probe checkpoint
     out_dir: str = ""  # probes go to <out_dir>/<encoder>, e.g. epoch_0020, random_init; "" = <run.out_dir>/linear
+
+    def per_process_batch(self, world: int) -> int:
+        """Images per step on each of `world` processes."""
+        if not self.global_batch:
+            return self.batch_size
+        if self.global_batch % world:
+            raise ConfigError(f"linear.global_batch = {self.global_batch} does not split over {world} processes; "
+                              f"use a multiple of {world}, or linear.global_batch = 0 and linear.batch_size per "
+                              f"process")
+        return self.global_batch // world
 
 
 @dataclass

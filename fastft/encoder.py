@@ -1,6 +1,8 @@
 """The encoder: a torchvision ResNet backbone (classifier removed) followed by MoCo's projection head."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -8,12 +10,14 @@ import torchvision
 from .config import ModelConfig
 
 
-def build_backbone(arch: str, small_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, small_stem: bool = False,
+                   norm_layer: Callable[[int], nn.Module] | None = None) -> tuple[nn.Module, int]:
     """A torchvision ResNet with `fc` replaced by Identity, and its feature width.
 
-    Keeping torchvision's module names means the backbone's state dict is a torchvision state dict minus `fc`.
+    Keeping torchvision's module names means the backbone's state dict is a torchvision state dict minus `fc`
+    (`norm_layer`, e.g. split_bn.SplitBatchNorm, must keep BatchNorm2d's state dict for that).
     """
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
     width = net.fc.in_features
     if small_stem:
         # For 32x32-ish inputs: a 7x7/2 conv plus max-pool would leave almost nothing to the residual stages.
@@ -31,9 +35,9 @@ def build_head(cfg: ModelConfig, width: int) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
-        self.backbone, self.width = build_backbone(cfg.arch, cfg.small_stem)
+        self.backbone, self.width = build_backbone(cfg.arch, cfg.small_stem, norm_layer)
         self.head = build_head(cfg, self.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

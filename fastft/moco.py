@@ -22,10 +22,18 @@ import torch.nn.functional as F
 from fastft.kernels import NegStats
 
 from .config import FTConfig, ModelConfig
-from .distributed import all_gather_cat, batch_shuffle, batch_unshuffle, shuffle_a2a, unshuffle_a2a
+from .distributed import all_gather_cat, batch_shuffle, batch_unshuffle, shuffle_a2a, unshuffle_a2a, world_size
 from .encoder import Encoder
 from .feature_transform import FeatureTransform, FTDraw
 from .loss import Bins, TorchInfoNCE
+from .split_bn import permute_batch, split_norm_layer, unpermute_batch
+
+
+def key_bn_mode(cfg: ModelConfig, world: int) -> str:
+    """What `model.key_bn` means at this world size: auto is split on one process and shuffle under DDP."""
+    if cfg.key_bn == "auto":
+        return "split" if world == 1 else "shuffle"
+    return cfg.key_bn
 
 
 @dataclass
@@ -47,10 +55,10 @@ class MoCo(nn.Module):
         self.momentum = cfg.momentum
         self.temperature = cfg.temperature
         self.ft = FeatureTransform(ft, ft_seed, ft_stream)  # stream: the rank, or 0 on all ranks when shared
-        self.key_bn = cfg.key_bn  # "sync": both encoders hold SyncBN (set up by the trainer)
+        self.key_bn = key_bn_mode(cfg, world_size())  # "sync": both encoders hold SyncBN (set up by the trainer)
         self.loss = loss if loss is not None else TorchInfoNCE()
 
-        self.encoder_q = Encoder(cfg)
+        self.encoder_q = Encoder(cfg, split_norm_layer(cfg.bn_splits) if self.key_bn == "split" else None)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False
@@ -79,6 +87,10 @@ class MoCo(nn.Module):
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
         # Shuffle-BN: the keys' BN statistics must not come from their own queries' batch. Both ways encode the
         # same rows on the same rank (fastft/distributed.py); all-to-all moves W times fewer images.
+        if self.key_bn == "split":  # across ranks as shuffle does (nothing on one process), then within the batch
+            im_k, plan = shuffle_a2a(im_k)
+            im_k, perm = permute_batch(im_k)
+            return unshuffle_a2a(unpermute_batch(F.normalize(self.encoder_k(im_k), dim=1), perm), plan)
         if self.key_bn == "shuffle":
             im_k, plan = shuffle_a2a(im_k)
             return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)

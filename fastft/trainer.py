@@ -23,12 +23,12 @@ from . import checkpoint as ckpt_io
 from .atomic import write_text
 from .config import Config, ConfigError
 from .data import pretrain_loader
-from .device import pick_device, pick_precision
+from .device import loss_tf32, pick_device, pick_precision
 from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, no_buffer_sync, rank, setup, world_size
 from .knn import evaluate_knn, knn_report
 from .loss import queue_dtype, select_loss
 from .metrics import read_metrics
-from .moco import MoCo
+from .moco import MoCo, key_bn_mode
 from .resumable import ResumableRun, bad_images_record, mean_loss
 from .schedule import base_lr, lr_at
 from .score_stats import ScoreRecorder, ScoreStore, chunk_steps
@@ -47,6 +47,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_key_bn(cfg: Config, world: int) -> list[str]:
+    """Warnings for a `model.key_bn` that cannot work as asked at this world size; a ConfigError for bn_splits
+    that does not divide the batch per process."""
+    m = cfg.model
+    mode = key_bn_mode(m, world)
+    if mode == "split" and cfg.loader.batch_size % m.bn_splits:
+        raise ConfigError(f"model.bn_splits = {m.bn_splits} does not divide loader.batch_size = "
+                          f"{cfg.loader.batch_size} (the batch per process): split batch norm needs equal groups; "
+                          f"pick a divisor of {cfg.loader.batch_size} or another batch size")
+    if mode == "split" and m.bn_splits == 1:
+        return ["model.key_bn = split with model.bn_splits = 1 is plain batch norm: no defence against the "
+                "BatchNorm shortcut (8 groups is FAIR's single-GPU MoCo)"]
+    if world == 1 and mode in ("shuffle", "shuffle_gather"):
+        return [f"model.key_bn = {mode} does nothing on one process (there are no other ranks to shuffle the keys "
+                f"across); model.key_bn = split (or auto) is the single-device equivalent"]
+    return []
+
+
 class Trainer(ResumableRun):
     name = "fastft"
 
@@ -56,6 +74,8 @@ class Trainer(ResumableRun):
         self.cfg = cfg
         self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         self.dtype = pick_precision(cfg.run.precision, self.device)
+        for warning in check_key_bn(cfg, world_size()):  # before anything is read or written
+            self.say(f"fastft: warning: {warning}")
         super().__init__(cfg.run.out_dir, cfg.optim.epochs, cfg.run, cfg.run.resume)
         seed_everything(cfg.run.seed)  # the same initial model on every rank
         if self.device.type == "cuda":
@@ -89,7 +109,7 @@ class Trainer(ResumableRun):
 
     def create_model(self) -> MoCo:
         cfg = self.cfg
-        model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device, cfg.loss.tf32),
+        model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device, loss_tf32(cfg.run.precision, cfg.loss.tf32)),
                      queue_dtype(cfg.loss.queue_dtype),
                      ft_seed=cfg.run.seed, ft_stream=0 if cfg.ft.share_lambdas else rank())
         if cfg.model.key_bn == "sync":
