@@ -76,8 +76,9 @@ def eval_loader(cfg: Config, split: str, device: torch.device):
 
 def linear_loader(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1):
     """(images, labels) batches of data.train_split for the linear probe: crop (linear.crop_scale_min) + flip,
-    linear.batch_size per process."""
-    spec = loader_spec(cfg, batch_size=cfg.linear.batch_size, crop_scale_min=cfg.linear.crop_scale_min)
+    linear.batch_size per process (or linear.global_batch over all)."""
+    spec = loader_spec(cfg, batch_size=cfg.linear.per_process_batch(world_size),
+                       crop_scale_min=cfg.linear.crop_scale_min)
     with _config_keys():
         return loaders.linear_loader(data_spec(cfg), spec, device, rank, world_size)
 

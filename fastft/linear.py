@@ -173,7 +173,7 @@ class CachedFeatures:
         self.loader = eval_loader(cfg, cfg.data.train_split, encoder.device)
         self.encoder = encoder
         self.classes = self.loader.dataset.classes
-        self.batch_size, self.seed = cfg.linear.batch_size, cfg.run.seed
+        self.batch_size, self.seed = cfg.linear.per_process_batch(world_size()), cfg.run.seed
         self.n = len(self.loader.dataset)
         self.per_rank = self.n // world_size()  # equal shards, so every rank takes as many steps
         # Extracted on first use, so re-running a finished probe (which only reports) costs no extraction.
@@ -226,8 +226,9 @@ class LinearProbe(ResumableRun):
         if cfg.run.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.steps_per_epoch)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"linear.batch_size = {self.lin.batch_size} is larger than the training images "
-                              f"of {cfg.data.path!r} per process: an epoch would be empty")
+            raise ConfigError(f"the linear probe's batch of {self.lin.per_process_batch(world_size())} per process "
+                              f"(linear.batch_size / linear.global_batch) is larger than the training images of "
+                              f"{cfg.data.path!r} per process: an epoch would be empty")
 
         self.head = build_head(backbone.width, len(self.train_data.classes), self.lin.standardize)
         if world_size() > 1:  # the standardisation's statistics are those of the global batch
@@ -322,7 +323,7 @@ class LinearProbe(ResumableRun):
         schedule = (f"cosine from lr {self.lin.lr}" if self.lin.schedule == "cosine" else
                     f"lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones}")
         self.say(f"linear probe: {self.info.describe()} | {len(self.train_data.classes)} classes, "
-                 f"{self.steps_per_epoch} steps/epoch, batch {self.lin.batch_size}x{world_size()}, {features} "
+                 f"{self.steps_per_epoch} steps/epoch, batch {self.lin.per_process_batch(world_size())}x{world_size()}, {features} "
                  f"features{', standardised' if self.lin.standardize else ''}, {schedule} | {self.out_dir}")
         self.fit()
         if self.result is not None:

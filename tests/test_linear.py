@@ -11,7 +11,7 @@ from fastft import checkpoint as ckpt_io
 from fastft.atomic import write_atomic
 from fastft import knn_cli
 from fastft import linear
-from fastft.config import Config, load_config
+from fastft.config import Config, ConfigError, load_config
 from fastft.knn import evaluate_knn
 from fastft.metrics import read_metrics
 from fastft.moco import MoCo
@@ -70,6 +70,17 @@ def test_defaults_are_the_moco_protocol_on_standardised_features():
     assert [linear.lr_at_epoch(moco, e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
     head = linear.build_head(8, 3, standardize=True)
     assert isinstance(head[0], torch.nn.BatchNorm1d) and not head[0].affine and head[1].bias.abs().sum() == 0
+
+
+def test_global_batch_is_split_over_the_processes_and_the_authors_configs_use_16():
+    lin = load_config(None, ["linear.batch_size=64"]).linear
+    assert [lin.per_process_batch(w) for w in (1, 8)] == [64, 64]  # per process by default
+    lin = load_config(None, ["linear.global_batch=16"]).linear
+    assert [lin.per_process_batch(w) for w in (1, 2, 8)] == [16, 8, 2]
+    with pytest.raises(ConfigError, match="linear.global_batch = 16 does not split over 3 processes"):
+        lin.per_process_batch(3)
+    for name in ("in1k", "in100"):  # their code's --batch_size default, divided by the world size
+        assert load_config(name).linear.global_batch == 16
 
 
 def test_logistic_regression_cross_check_matches_scikit_learn():
@@ -239,19 +250,20 @@ def test_compare_prints_the_runs_knn_report_for_the_same_checkpoint(tmp_path):
 
 def test_two_processes_train_the_same_head_as_one_with_the_whole_batch(tmp_path, data_cache):
     """Under torchrun the probe's gradients are averaged (DDP) over interleaved shards: 2 ranks x 16 images
-    take the steps of 1 process x 32 images."""
+    (linear.global_batch = 32, split over the ranks) take the steps of 1 process x 32 images."""
     import subprocess
 
     from test_distributed import ROOT, env, torchrun
 
     quick = {**PROBE, "linear.epochs": 2, "linear.milestones": "[1]", "run.steps_per_epoch": 4}
     args = lambda out, batch: ["configs/demo.yaml", "--random-init",
-                               *tiny_overrides(out, data_cache, **{**quick, "linear.batch_size": batch})]
-    proc = subprocess.run(torchrun("-m", "fastft.linear", *args(tmp_path / "two", 16)), cwd=ROOT, env=env(),
+                               *tiny_overrides(out, data_cache, **{**quick, **batch})]
+    proc = subprocess.run(torchrun("-m", "fastft.linear", *args(tmp_path / "two", {"linear.global_batch": 32})),
+                          cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "batch 16x2" in proc.stdout + proc.stderr
-    assert linear.main(args(tmp_path / "one", 32)) == 0
+    assert linear.main(args(tmp_path / "one", {"linear.batch_size": 32})) == 0
     final = lambda d: ckpt_io.load(ckpt_io.list_checkpoints(d / "linear" / "random_init")[0])
     two, one = final(tmp_path / "two"), final(tmp_path / "one")
     assert two["step"] == one["step"] == 8
