@@ -36,7 +36,9 @@ demo: install
 
 # The demo's recipe as MoCo v2 / + pos extrapolation / + neg interpolation / + both, 3 seeds each, 4 epochs
 # (the demo trains 10: 12 runs of 10 would take 80 min), kNN and linear probe, on the CPU (about 38 min on 2 free
-# cores): the table in ABLATION.md, figures in runs/ablation/viz/index.html. E.g. ARGS="--seeds 0".
+# cores): its section of ABLATION.md, figures in runs/ablation/demo-scenes/viz/index.html. E.g. ARGS="--seeds 0",
+# ARGS=data.path=builtin:photodigits (the photodigits section, runs in runs/ablation/demo-photodigits), or
+# ABLATION_EPOCHS=200 ARGS="--config in100 --nproc-per-node 8" on an 8-GPU node.
 ABLATION_EPOCHS ?= 4
 .PHONY: ablation
 ablation: install
