@@ -28,7 +28,8 @@ EARLIER = "earlier"  # checkpoints/earlier/: a previous run's checkpoints, set a
 # where output goes, how often things are logged, checkpointed or evaluated, how loading is parallelised.
 RESUME_FREE_KEYS = {
     "run.out_dir", "run.resume", "run.progress", "run.tensorboard", "run.log_every", "run.compile",
-    "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "loader.workers", "data.cache_dir",
+    "run.device", "run.ckpt_every", "run.keep_ckpts", "run.epochs_per_job", "run.threads", "loader.workers",
+    "data.cache_dir",
     # What an unreadable image does: the policy only stops a run or not; what it trains on is the same.
     "data.on_bad_image", "data.max_bad_fraction",
 }

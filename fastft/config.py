@@ -63,7 +63,9 @@ class LoaderConfig:
     backend: Literal["torchvision", "dali", "ffcv", "nvjpeg"] = "torchvision"
     batch_size: int = bounded(256, 1)  # per process
     workers: int = bounded(8, 0, 256)
-    aug: Literal["mocov1", "mocov2"] = "mocov2"
+    # The augmentation recipe (pipelines/augment.py): mocov1, mocov2 (aug-plus), cifar (mocov2 without the blur,
+    # for images of 32 pixels and less, as FAIR's CIFAR-10 MoCo demo).
+    aug: Literal["mocov1", "mocov2", "cifar"] = "mocov2"
     # RandomResizedCrop's smallest area share for the pretraining views; 0 = the recipe's own (0.2). Tiny
     # images need more: a 0.2 crop of an 8x8 digit is a 3x3 patch (configs/demo.yaml).
     crop_scale_min: float = bounded(0.0, 0.0, 1.0)
@@ -181,6 +183,10 @@ class RunConfig:
     epochs_per_job: int = bounded(0, 0)  # stop after this many epochs (time-limited job slots); 0 = no limit
     progress: bool = True
     tensorboard: bool = True
+    # torch's CPU threads in this process (DataLoader workers keep one each); 0 = torch's default (one per core).
+    # On a CPU shared with loader workers or other jobs, fewer threads than cores can be faster: torch's OpenMP
+    # threads slow down badly when the cores are oversubscribed (BENCHMARKS.md).
+    threads: int = bounded(0, 0)
 
 
 @dataclass

@@ -14,6 +14,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_threads(n: int) -> None:
+    """run.threads: torch's CPU threads in this process (0 = leave torch's default)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 def pick_precision(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of `run.precision` (float32 = no autocast). On CUDA it also sets how fp32 math runs:
     `fp32` is IEEE fp32 in every convolution and matmul, as the authors' README command trains (no --amp), so

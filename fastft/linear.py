@@ -37,7 +37,7 @@ from . import checkpoint as ckpt_io
 from . import cli
 from .config import Config, ConfigError, LinearConfig, load_config
 from .data import eval_loader, linear_loader
-from .device import pick_device, pick_precision
+from .device import pick_device, pick_precision, set_threads
 from .distributed import is_main, rank, setup, world_size
 from .knn import knn_report
 from .metrics import MetricsLog, read_metrics
@@ -206,6 +206,7 @@ class LinearProbe(ResumableRun):
         self.cfg, self.lin, self.info = cfg, cfg.linear, backbone.info
         self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         dtype = pick_precision(cfg.run.precision, self.device)
+        set_threads(cfg.run.threads)
         self.run_dir = Path(cfg.run.out_dir)
         # One folder per encoder (epoch_0020, random_init): probes of several checkpoints never collide.
         super().__init__((Path(self.lin.out_dir) if self.lin.out_dir else self.run_dir / "linear") / self.info.name,

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt_io
 from .atomic import write_text
 from .config import Config, ConfigError
 from .data import pretrain_loader
-from .device import loss_tf32, pick_device, pick_precision
+from .device import loss_tf32, pick_device, pick_precision, set_threads
 from .distributed import all_reduce_mean, barrier, broadcast_module, is_main, no_buffer_sync, rank, setup, world_size
 from .knn import evaluate_knn, knn_report
 from .loss import queue_dtype, select_loss
@@ -47,6 +47,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Fewer values per channel than this in a split BN group's deepest batch norm normalise to noise (at 8x8 with a
+# small stem, 2 images per group gave kNN at chance after 2 steps where plain BN kept the random-init 0.83).
+MIN_BN_VALUES = 8
+
+
 def check_key_bn(cfg: Config, world: int) -> list[str]:
     """Warnings for a `model.key_bn` that cannot work as asked at this world size; a ConfigError for bn_splits
     that does not divide the batch per process."""
@@ -59,6 +64,14 @@ def check_key_bn(cfg: Config, world: int) -> list[str]:
     if mode == "split" and m.bn_splits == 1:
         return ["model.key_bn = split with model.bn_splits = 1 is plain batch norm: no defence against the "
                 "BatchNorm shortcut (8 groups is FAIR's single-GPU MoCo)"]
+    if mode == "split":
+        group = cfg.loader.batch_size // m.bn_splits
+        side = max(1, cfg.data.image_size // (8 if m.small_stem else 32))  # the last stage's feature map
+        if group * side * side < MIN_BN_VALUES:
+            return [f"model.bn_splits = {m.bn_splits} leaves {group} image(s) per group of loader.batch_size = "
+                    f"{cfg.loader.batch_size}: the last batch norm sees {group * side * side} value(s) per channel "
+                    f"at {cfg.data.image_size}x{cfg.data.image_size}, too few for batch statistics (use fewer "
+                    f"splits or a larger batch)"]
     if world == 1 and mode in ("shuffle", "shuffle_gather"):
         return [f"model.key_bn = {mode} does nothing on one process (there are no other ranks to shuffle the keys "
                 f"across); model.key_bn = split (or auto) is the single-device equivalent"]
@@ -74,6 +87,7 @@ class Trainer(ResumableRun):
         self.cfg = cfg
         self.device = setup(pick_device(cfg.run.device)).device  # joins the torchrun group, binds LOCAL_RANK's GPU
         self.dtype = pick_precision(cfg.run.precision, self.device)
+        set_threads(cfg.run.threads)
         for warning in check_key_bn(cfg, world_size()):  # before anything is read or written
             self.say(f"fastft: warning: {warning}")
         super().__init__(cfg.run.out_dir, cfg.optim.epochs, cfg.run, cfg.run.resume)
@@ -95,6 +109,7 @@ class Trainer(ResumableRun):
         self.knn_pixels: float | None = None
         self.knn_last: float | None = None
         self.resumed_epochs = cfg.optim.epochs  # optim.epochs of the checkpoint resumed from (it may be extended)
+        self.epoch_seconds = 0.0  # wall time of the last epoch trained
 
     # -- construction -----------------------------------------------------------------------------------------
     def epoch_length(self, loader) -> int:
@@ -216,7 +231,9 @@ class Trainer(ResumableRun):
         if self.scores is not None:
             self.scores.flush()
         self.epoch += 1
-        return mean_loss(losses)
+        loss = mean_loss(losses)  # a sync: the epoch's work is done when it returns
+        self.epoch_seconds = time.perf_counter() - t0
+        return loss
 
     # -- the run ----------------------------------------------------------------------------------------------
     def knn(self, pixels: bool = False) -> float | None:
@@ -226,8 +243,10 @@ class Trainer(ResumableRun):
         return top1
 
     def end_epoch(self, loss: float) -> dict:
+        # epoch_seconds: the epoch's training wall time (a timing, not state: kNN evaluations excluded), from
+        # which learning curves against pretraining minutes are drawn (scripts/learning_curves.py).
         record = {"kind": "epoch", "step": self.step, "epoch": self.epoch, "loss": loss,
-                  **bad_images_record(self.loader)}
+                  "epoch_seconds": round(self.epoch_seconds, 3), **bad_images_record(self.loader)}
         every = self.cfg.knn.every
         if every > 0 and (self.epoch % every == 0 or self.epoch == self.epochs):
             self.knn_last = record["knn_top1"] = self.knn()

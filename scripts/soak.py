@@ -15,7 +15,7 @@ runs to the end. Then, between the two runs:
 
 - the final checkpoints, leaf by leaf (parameters, queue, BN statistics, optimizer and scaler state, loss
   history, every rank's random streams): bit-identical, torch.equal;
-- metrics.jsonl, record for record (images_per_s, a timing, left out);
+- metrics.jsonl, record for record (images_per_s and epoch_seconds, timings, left out);
 - the score chunks (scores/*.npz), array by array;
 - temp files of killed writers left anywhere in the run folder (none may be);
 - failed resumes: attempts that ended with an error instead of being killed or finishing.
@@ -48,7 +48,7 @@ TINY = {"data.path": "builtin:digits", "data.image_size": 8, "loader.batch_size"
         "model.arch": "resnet18", "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9, "optim.epochs": 12,
         "optim.lr": 0.06, "run.steps_per_epoch": 3, "run.device": "cpu", "run.progress": False,
         "run.tensorboard": False, "knn.every": 0, "run.log_every": 1, "run.ckpt_every": 1, "run.keep_ckpts": 2}
-TIMING = {"images_per_s"}  # metrics keys that measure time, not training
+TIMING = {"images_per_s", "epoch_seconds"}  # metrics keys that measure time, not training
 
 
 def overrides(out: Path, cache: str, extra: list[str]) -> list[str]:

@@ -35,6 +35,7 @@ def tiny_overrides(out_dir, cache, **extra) -> list[str]:
     base = {
         "data.cache_dir": cache, "data.path": "builtin:digits", "data.image_size": 8, "loader.batch_size": 16,
         "loader.workers": 0, "model.arch": "resnet18", "model.small_stem": True, "model.queue_size": 40, "model.momentum": 0.9,
+        "model.bn_splits": 2,  # split BN (the default on one process) in groups of 8: 8 values per channel at 1x1
         "optim.epochs": 2, "optim.lr": 0.06, "run.steps_per_epoch": 3, "run.out_dir": str(out_dir),
         "run.device": "cpu", "run.progress": False, "run.tensorboard": False, "knn.every": 0, "run.log_every": 1,
     }

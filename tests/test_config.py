@@ -247,19 +247,42 @@ def test_list_configs_and_a_missing_config(capsys):
     assert e.value.code == 2 and "required: CONFIG" in capsys.readouterr().err
 
 
-def test_the_ablation_configs_are_the_demo_but_for_ft():
-    """configs/ablations/*.yaml train the demo's recipe: only ft.* (and the run folder) may differ."""
+def test_the_ablation_configs_are_the_demo_with_the_ablations_overrides():
+    """configs/ablations/NAME.yaml is what `python -m fastft.ablation` trains as variant NAME of the demo (the
+    demo with that variant's overrides): only the run folder may differ."""
     from pathlib import Path
+
+    from fastft.ablation import VARIANTS
     root = Path(__file__).parent.parent / "configs"
 
-    def recipe(path):
-        cfg = load_config(path).to_dict()
+    def recipe(path, overrides=()):
+        cfg = load_config(path, list(overrides)).to_dict()
         cfg["run"].pop("out_dir")
-        return {k: v for k, v in cfg.items() if k != "ft"}, cfg["ft"]
+        return cfg
 
-    demo, demo_ft = recipe(root / "demo.yaml")
-    fts = {}
-    for path in sorted((root / "ablations").glob("*.yaml")):
-        fts[path.stem] = recipe(path)[1]
-        assert recipe(path)[0] == demo, path.name
-    assert fts["both"] == demo_ft and len({str(ft) for ft in fts.values()}) == len(fts) == 6
+    files = sorted((root / "ablations").glob("*.yaml"))
+    assert [p.stem for p in files] == sorted(VARIANTS)
+    for path in files:
+        assert recipe(path) == recipe(root / "demo.yaml", VARIANTS[path.stem].overrides), path.name
+    assert recipe(root / "ablations" / "both.yaml") == recipe(root / "demo.yaml")  # the demo is the full FT
+    assert len({str(recipe(path)["ft"]) for path in files}) == len(files) == 6
+
+
+def test_fp32_precision_turns_tf32_off_everywhere_and_tf32_turns_it_on():
+    """run.precision: fp32 trains in IEEE fp32 as the authors did: cuDNN, matmuls and the fused loss without TF32."""
+    import torch
+
+    from fastft.device import loss_tf32, pick_precision
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        cuda = torch.device("cuda")  # only the flags are set: no GPU is needed
+        assert pick_precision("fp32", cuda) == torch.float32
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert pick_precision("tf32", cuda) == torch.float32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert pick_precision("auto", cuda) == torch.bfloat16 and pick_precision("auto", torch.device("cpu")) == torch.float32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert not loss_tf32("fp32", True) and loss_tf32("tf32", True) and loss_tf32("auto", True)
+    assert not loss_tf32("auto", False)

@@ -172,6 +172,11 @@ def test_aug_specs_are_the_moco_recipes():
     from fastft.pipelines.augment import PILGaussianBlur, _torchvision_step
     ref = _torchvision_step(v2[3], 224)  # the reference is MoCo's own blur: PIL, radius = sigma
     assert ref.p == 0.5 and isinstance(ref.transforms[0], PILGaussianBlur) and ref.transforms[0].sigma == (0.1, 2.0)
+    # cifar: MoCo v2 without the blur (FAIR's CIFAR-10 demo), in every backend since they all read the spec.
+    assert AUG_SPECS["cifar"] == tuple(s for s in v2 if s.name != "gaussian_blur")
+    from fastft.pipelines.augment import torchvision_train_transform
+    assert not any(isinstance(t, PILGaussianBlur) or any(isinstance(u, PILGaussianBlur) for u in getattr(t, "transforms", ()))
+                   for t in torchvision_train_transform("cifar", 16).transforms)
 
 
 @pytest.mark.parametrize("content,why", [(b"# only a comment\n", "lists no class"),

@@ -85,7 +85,7 @@ def test_keys_come_back_in_input_order_though_the_key_encoder_saw_them_shuffled(
     model = MoCo(cfg.model, cfg.ft)
     assert model.key_bn == "split"  # auto on one process
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert bns and all(isinstance(m, SplitBatchNorm) and m.splits == 8 for m in bns)
+    assert bns and all(isinstance(m, SplitBatchNorm) and m.splits == cfg.model.bn_splits == 2 for m in bns)
     seen = []
     model.encoder_k.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     x = torch.randn(16, 3, 8, 8)
@@ -97,8 +97,8 @@ def test_keys_come_back_in_input_order_though_the_key_encoder_saw_them_shuffled(
     order = [int((x == row).all(dim=(1, 2, 3)).nonzero()) for row in seen[0]]
     assert sorted(order) == list(range(16)) and order != list(range(16))
     # In training the groups of keys hold other images than the groups of queries.
-    key_groups = {frozenset(order[i:i + 2]) for i in range(0, 16, 2)}
-    query_groups = {frozenset(range(i, i + 2)) for i in range(0, 16, 2)}
+    key_groups = {frozenset(order[i:i + 8]) for i in range(0, 16, 8)}
+    query_groups = {frozenset(range(i, i + 8)) for i in range(0, 16, 8)}
     assert key_groups != query_groups
 
 
@@ -134,6 +134,8 @@ def test_settings_that_cannot_defend_warn_in_one_line(tmp_path):
                             world)
 
     assert warnings(1) == [] and warnings(1, key_bn="split") == [] and warnings(2, key_bn="shuffle") == []
+    (w,) = check_key_bn(load_config(None, ["loader.batch_size=16", "data.image_size=8", "model.small_stem=true"]), 1)
+    assert "leaves 2 image(s) per group of loader.batch_size = 16" in w and "2 value(s) per channel" in w
     for mode in ("shuffle", "shuffle_gather"):
         (w,) = warnings(1, key_bn=mode)
         assert f"model.key_bn = {mode} does nothing on one process" in w and "split" in w and "\n" not in w

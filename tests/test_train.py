@@ -12,7 +12,7 @@ from fastft import checkpoint as ckpt_io
 from fastft.config import load_config
 from fastft.metrics import read_metrics
 from fastft.train import main
-from fastft.trainer import train
+from fastft.trainer import Trainer, train
 
 
 def cfg_for(out_dir, cache, **extra):
@@ -279,3 +279,15 @@ def test_starting_a_finished_run_prints_one_line(tmp_path, data_cache, capsys):
     captured = capsys.readouterr()
     lines = (captured.out + captured.err).strip().splitlines()
     assert len(lines) == 1 and "finished before (1/1 epochs)" in lines[0], lines
+
+
+def test_run_threads_sets_torchs_cpu_threads(tmp_path, data_cache):
+    before = torch.get_num_threads()
+    try:
+        Trainer(load_config(None, tiny_overrides(tmp_path, data_cache, **{"run.threads": 1})))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        Trainer(load_config(None, tiny_overrides(tmp_path / "b", data_cache)))  # 0: torch's default stays
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
