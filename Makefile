@@ -33,6 +33,8 @@ demo: install
 	$(VENV)/bin/fastft-train demo run.out_dir=$(DEMO_DIR) $(ARGS)
 	$(VENV)/bin/fastft-linear demo run.out_dir=$(DEMO_DIR) --compare-random-init linear.cache_features=true $(ARGS)
 	$(VENV)/bin/fastft-viz $(DEMO_DIR) --out $(DEMO_DIR)/viz
+	$(VENV)/bin/fastft-knn demo data.path=builtin:photodigits --pixels $(ARGS)
+	$(VENV)/bin/fastft-knn demo data.path=builtin:photodigits --random-init $(ARGS)
 
 # The demo's recipe as MoCo v2 / + pos extrapolation / + neg interpolation / + both, 3 seeds each, 4 epochs
 # (the demo trains 10: 12 runs of 10 would take 80 min), kNN and linear probe, on the CPU (about 38 min on 2 free

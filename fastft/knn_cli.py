@@ -11,7 +11,7 @@ import torch
 
 from . import cli
 from .config import load_config
-from .device import pick_device, pick_precision
+from .device import pick_device, pick_precision, set_threads
 from .knn import PIXELS, knn_features
 from .pretrained import pick_backbone
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         device = pick_device(cfg.run.device)
         dtype = pick_precision(cfg.run.precision, device)
+        set_threads(cfg.run.threads)
         if args.pixels:
             encode, what = (lambda x: x), PIXELS
         else:

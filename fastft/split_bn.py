@@ -17,7 +17,6 @@ import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -35,25 +34,29 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if n % self.splits:
             raise ValueError(f"SplitBatchNorm: a batch of {n} does not split into {self.splits} equal groups "
                              f"(model.bn_splits must divide the batch)")
-        track = self.track_running_stats and self.running_mean is not None
-        if track:
-            self.num_batches_tracked.add_(1)
-        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        outs, means, vars_ = [], [], []
-        # One fused batch_norm per group, each on a contiguous slice (a view in either memory format); each
-        # group updates its own copy of the running statistics, whose mean is the module's new running value.
+        # One fused batch norm per group, each on a contiguous slice (a view in either memory format). It returns
+        # the group's mean and 1/std, from which the running statistics move: no second pass over the data.
+        outs, means, invstds = [], [], []
         for chunk in x.chunk(self.splits):
-            rm = self.running_mean.clone() if track else None
-            rv = self.running_var.clone() if track else None
-            outs.append(F.batch_norm(chunk, rm, rv, self.weight, self.bias, True, momentum, self.eps))
-            if track:
-                means.append(rm)
-                vars_.append(rv)
-        if track:
-            with torch.no_grad():
-                self.running_mean.copy_(torch.stack(means).mean(0))
-                self.running_var.copy_(torch.stack(vars_).mean(0))
+            out, mean, invstd = torch.native_batch_norm(chunk, self.weight, self.bias, None, None, True, 0.0,
+                                                        self.eps)
+            outs.append(out)
+            means.append(mean)
+            invstds.append(invstd)
+        if self.track_running_stats and self.running_mean is not None:
+            count = x.numel() // (self.splits * x.shape[1])  # values per channel in one group
+            self._update_running_stats(torch.stack(means), torch.stack(invstds), count)
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def _update_running_stats(self, means: torch.Tensor, invstds: torch.Tensor, count: int) -> None:
+        """Each group moves its own copy of the running statistics as BatchNorm2d would (unbiased variance); the
+        module keeps their mean."""
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        var = (invstds.float().pow(-2) - self.eps) * (count / max(count - 1, 1))
+        self.running_mean.lerp_(means.float().mean(0).to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(var.mean(0).to(self.running_var.dtype), momentum)
 
 
 def split_norm_layer(splits: int):

@@ -11,6 +11,7 @@
 #   6. loader/model/train  fastft-bench loader, model and train: the nvjpeg backend (nvJPEG decode and crops on
 #                       the GPU, torch + torchvision only) on photo-like 500x375 JPEGs made on the spot, ResNet-50 at
 #                       224, bf16, channels-last, batch 256; prints each speed target next to its result
+#   7. split batch norm scripts/gpu_check_split_bn.py: exact under bf16, and its cost against plain batch norm
 #
 # Every step has its own time limit so that the whole script stays under 8 minutes; a step that fails does not
 # stop the others. With $OUT set (the device runner sets it), the log, kernel_bench.json, kernel_bench.md,
@@ -134,6 +135,10 @@ if train:
           f"{train['train']['data_wait_fraction']:.0%} of step time waiting for data)")
 EOF
 fi
+
+section "7. split batch norm (bf16 check and cost, ResNet-50 at 224, batch 256)"
+# model.key_bn: split on one GPU: exact against BatchNorm2d per group under bf16 autocast, and its share of a step.
+step split-bn 90 $PY scripts/gpu_check_split_bn.py
 
 section "done"
 if [ ${#FAILED[@]} -eq 0 ]; then

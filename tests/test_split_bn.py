@@ -143,3 +143,19 @@ def test_settings_that_cannot_defend_warn_in_one_line(tmp_path):
     assert "bn_splits = 1 is plain batch norm" in w
     (w,) = warnings(2, key_bn="split", bn_splits=1)
     assert "no defence" in w
+
+
+def test_the_gpu_check_script_runs_its_cpu_twin(capsys):
+    """scripts/gpu_check_split_bn.py (gpu_check.sh step 7) on the CPU: its exactness check passes and every
+    candidate is timed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_split_bn.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_split_bn", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--arch", "resnet18", "--size", "16", "--batch", "16", "--steps", "1",
+                        "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "-> PASS" in out and "| split BN x2 |" in out and "| split BN x8 |" in out and "| plain BN | " in out
