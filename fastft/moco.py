@@ -89,6 +89,8 @@ class MoCo(nn.Module):
         # same rows on the same rank (fastft/distributed.py); all-to-all moves W times fewer images.
         if self.key_bn == "split":  # across ranks as shuffle does (nothing on one process), then within the batch
             im_k, plan = shuffle_a2a(im_k)
+            if self.cfg.bn_splits == 1:  # one group: the order changes nothing but the rounding
+                return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)
             im_k, perm = permute_batch(im_k)
             return unshuffle_a2a(unpermute_batch(F.normalize(self.encoder_k(im_k), dim=1), perm), plan)
         if self.key_bn == "shuffle":

@@ -124,7 +124,9 @@ def test_fused_moco_step_with_a_bf16_queue_matches_the_torch_loss():
     """MoCo stores the queue in loss.queue_dtype; the fused loss matches the torch loss on the same step, and
     enqueued keys are rounded into the bf16 queue the same way on both."""
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="resnet18", small_stem=True, dim=64, queue_size=40, momentum=0.9)
+    # One batch-norm group: split BN's groups depend on a permutation each model draws anew, and the two models
+    # must encode the same keys (batch norm over the whole batch does not depend on the order).
+    cfg = ModelConfig(arch="resnet18", small_stem=True, dim=64, queue_size=40, momentum=0.9, bn_splits=1)
     fused = MoCo(cfg, FTConfig(), TritonInfoNCE(), queue_dtype=torch.bfloat16)
     plain = copy.deepcopy(fused)
     plain.loss = TorchInfoNCE()
