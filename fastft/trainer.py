@@ -124,8 +124,8 @@ class Trainer(ResumableRun):
 
     def create_model(self) -> MoCo:
         cfg = self.cfg
-        model = MoCo(cfg.model, cfg.ft, select_loss(cfg.loss.kernel, self.device, loss_tf32(cfg.run.precision, cfg.loss.tf32)),
-                     queue_dtype(cfg.loss.queue_dtype),
+        loss = select_loss(cfg.loss.kernel, self.device, loss_tf32(cfg.run.precision, cfg.loss.tf32))
+        model = MoCo(cfg.model, cfg.ft, loss, queue_dtype(cfg.loss.queue_dtype),
                      ft_seed=cfg.run.seed, ft_stream=0 if cfg.ft.share_lambdas else rank())
         if cfg.model.key_bn == "sync":
             convert_sync_bn(model, self.device)
