@@ -169,7 +169,8 @@ class RunConfig:
     seed: int = bounded(0, 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast on CUDA, fp32 on CPU. fp32: IEEE fp32 everywhere (no TF32 in cuDNN, matmuls or the loss
-    # kernel), as the authors' README command trains; tf32: fp32 on TF32 tensor cores; fp16 uses a GradScaler (fastft/device.py).
+    # kernel), as the authors' README command trains; tf32: fp32 on TF32 tensor cores; fp16 uses a GradScaler
+    # (fastft/device.py).
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False

@@ -223,11 +223,12 @@ class LinearProbe(ResumableRun):
                               f"than {cfg.data.train_split!r} ({len(self.val.dataset.classes)} vs "
                               f"{len(self.train_data.classes)} folders): labels would not line up")
         self.val_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # val features, with cache_features
+        self.batch = self.lin.per_process_batch(world_size())
         self.steps_per_epoch = len(self.train_data)
         if cfg.run.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.steps_per_epoch)
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"the linear probe's batch of {self.lin.per_process_batch(world_size())} per process "
+            raise ConfigError(f"the linear probe's batch of {self.batch} per process "
                               f"(linear.batch_size / linear.global_batch) is larger than the training images of "
                               f"{cfg.data.path!r} per process: an epoch would be empty")
 
@@ -324,7 +325,7 @@ class LinearProbe(ResumableRun):
         schedule = (f"cosine from lr {self.lin.lr}" if self.lin.schedule == "cosine" else
                     f"lr {self.lin.lr} x{self.lin.lr_decay} at {self.lin.milestones}")
         self.say(f"linear probe: {self.info.describe()} | {len(self.train_data.classes)} classes, "
-                 f"{self.steps_per_epoch} steps/epoch, batch {self.lin.per_process_batch(world_size())}x{world_size()}, {features} "
+                 f"{self.steps_per_epoch} steps/epoch, batch {self.batch}x{world_size()}, {features} "
                  f"features{', standardised' if self.lin.standardize else ''}, {schedule} | {self.out_dir}")
         self.fit()
         if self.result is not None:

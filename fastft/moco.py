@@ -87,15 +87,15 @@ class MoCo(nn.Module):
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
         # Shuffle-BN: the keys' BN statistics must not come from their own queries' batch. Both ways encode the
         # same rows on the same rank (fastft/distributed.py); all-to-all moves W times fewer images.
-        if self.key_bn == "split":  # across ranks as shuffle does (nothing on one process), then within the batch
-            im_k, plan = shuffle_a2a(im_k)
-            if self.cfg.bn_splits == 1:  # one group: the order changes nothing but the rounding
-                return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)
-            im_k, perm = permute_batch(im_k)
-            return unshuffle_a2a(unpermute_batch(F.normalize(self.encoder_k(im_k), dim=1), perm), plan)
-        if self.key_bn == "shuffle":
-            im_k, plan = shuffle_a2a(im_k)
-            return unshuffle_a2a(F.normalize(self.encoder_k(im_k), dim=1), plan)
+        if self.key_bn in ("shuffle", "split"):
+            im_k, plan = shuffle_a2a(im_k)  # nothing on one process
+            # split BN: also permute within the batch, so the key groups hold other images than the query groups
+            # (with one group the order would change nothing but the rounding).
+            perm = None
+            if self.key_bn == "split" and self.cfg.bn_splits > 1:
+                im_k, perm = permute_batch(im_k)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            return unshuffle_a2a(k if perm is None else unpermute_batch(k, perm), plan)
         if self.key_bn == "shuffle_gather":
             im_k, undo = batch_shuffle(im_k)
             return batch_unshuffle(F.normalize(self.encoder_k(im_k), dim=1), undo)
